@@ -1,0 +1,236 @@
+"""Stake-ordered, deadline-aware dynamic batching onto the one engine worker thread.
+
+When the worker is idle, everything queued (up to max_batch) goes at once: no
+artificial wait at low load. While it is busy, requests pile up and form the
+next batch by themselves. A request that cannot be answered before its
+deadline fails at once instead of wasting the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import time
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import structlog
+
+from svd.errors import EngineDead, EngineFailure, Overloaded, RequestTimeout, ShuttingDown, SvdError
+from svd.status import Stats
+
+log = structlog.get_logger(__name__)
+# Prior for the batch-time estimate before the first batch has been timed.
+INITIAL_BATCH_S = 0.05
+EWMA_ALPHA = 0.2
+
+
+class EngineResult(Protocol):
+    probs: np.ndarray
+    features: np.ndarray
+
+
+class InferEngine(Protocol):
+    name: str
+
+    def infer(self, images: np.ndarray) -> EngineResult: ...
+
+
+@dataclass(frozen=True)
+class Prediction:
+    prob: float
+    features: np.ndarray
+    engine: str
+    batch_size: int
+
+
+@dataclass(order=True)
+class Item:
+    # Heap order: highest stake first, then earliest deadline, then arrival.
+    sort_key: tuple[float, float, int]
+    image: np.ndarray = field(compare=False)
+    deadline: float = field(compare=False)
+    future: asyncio.Future[Prediction] = field(compare=False)
+
+    @property
+    def stake(self) -> float:
+        return -self.sort_key[0]
+
+
+def collect_batch(queue: list[Item], max_batch: int, now: float, batch_s: float) -> tuple[list[Item], list[Item]]:
+    """Pop up to max_batch live items from the heap `queue`.
+
+    Returns (batch, expired): expired items could not finish before their
+    deadline even if run now (batch_s is the expected engine time).
+    Cancelled items (their caller gave up) are dropped silently.
+    """
+    batch: list[Item] = []
+    expired: list[Item] = []
+    while queue and len(batch) < max_batch:
+        item = heapq.heappop(queue)
+        if item.future.done():
+            continue
+        if now + batch_s > item.deadline:
+            expired.append(item)
+        else:
+            batch.append(item)
+    return batch, expired
+
+
+class Batcher:
+    """Owns the request queue and the loop that feeds the engine worker.
+
+    Args:
+        engine: the serving engine; replace the attribute to swap between batches.
+        worker: the single-thread executor that owns the accelerator.
+        max_batch: largest batch given to the engine.
+        max_queue: queued requests beyond this are shed with Overloaded (503).
+        max_wait_s: extra wait for a fuller batch when idle (0: none).
+        step_timeout_s: an engine call longer than this marks the engine wedged.
+        stats: counters shared with `svd status`.
+    """
+
+    def __init__(
+        self,
+        engine: InferEngine,
+        worker: Executor,
+        *,
+        max_batch: int,
+        max_queue: int,
+        max_wait_s: float = 0.0,
+        step_timeout_s: float = 10.0,
+        stats: Stats | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.engine = engine
+        self._worker = worker
+        self._max_batch = max_batch
+        self._max_queue = max_queue
+        self._max_wait_s = max_wait_s
+        self._step_timeout_s = step_timeout_s
+        self.stats = stats or Stats()
+        self._clock = clock
+        self._queue: list[Item] = []
+        self._seq = itertools.count()
+        self._wakeup = asyncio.Event()
+        self._closed: SvdError | None = None
+        self.batch_s = INITIAL_BATCH_S
+        self.in_flight = 0
+        self.errored: str | None = None
+
+    @property
+    def depth(self) -> int:
+        return len(self._queue)
+
+    def submit(self, image: np.ndarray, stake: float, deadline: float) -> asyncio.Future[Prediction]:
+        """Queue one decoded image; the Future resolves to its Prediction."""
+        if self._closed is not None:
+            raise self._closed
+        item = Item((-stake, deadline, next(self._seq)), image, deadline, asyncio.get_running_loop().create_future())
+        if len(self._queue) >= self._max_queue:
+            self._shed(item)
+        heapq.heappush(self._queue, item)
+        self._wakeup.set()
+        return item.future
+
+    def _shed(self, newcomer: Item) -> None:
+        # Full: the least valuable request goes, the newcomer if it is the least.
+        worst = max(self._queue)
+        if newcomer >= worst:
+            raise Overloaded("request queue is full")
+        self._queue.remove(worst)
+        heapq.heapify(self._queue)
+        if not worst.future.done():
+            worst.future.set_exception(Overloaded("request queue is full"))
+
+    def close(self, error: SvdError | None = None) -> None:
+        """Refuse new work; queued items are still served by run()."""
+        self._closed = error or ShuttingDown("miner is shutting down")
+
+    async def run(self) -> None:
+        """Serve batches until cancelled. Any other exit is a bug."""
+        try:
+            while True:
+                await self._wakeup.wait()
+                if self._max_wait_s and len(self._queue) < self._max_batch:
+                    await asyncio.sleep(self._max_wait_s)
+                batch, expired = collect_batch(self._queue, self._max_batch, self._clock(), self.batch_s)
+                if not self._queue:
+                    self._wakeup.clear()
+                for item in expired:
+                    _fail(item, RequestTimeout("request cannot be answered before its deadline"))
+                if batch:
+                    await self._run_batch(batch)
+        except BaseException as e:
+            self._die(e)
+            raise
+
+    async def _run_batch(self, batch: list[Item]) -> None:
+        images = np.stack([item.image for item in batch])
+        engine = self.engine
+        loop = asyncio.get_running_loop()
+        start = self._clock()
+        self.in_flight = len(batch)
+        try:
+            call = loop.run_in_executor(self._worker, engine.infer, images)
+            out = await asyncio.wait_for(call, self._step_timeout_s)
+            probs = _checked_probs(out, len(batch))
+        except TimeoutError:
+            self.errored = f"engine call exceeded {self._step_timeout_s}s (wedged?)"
+            log.error("engine_step_timeout", timeout_s=self._step_timeout_s, batch=len(batch))
+            self._fail_batch(batch, EngineFailure("engine timed out"))
+            return
+        except EngineFailure as e:
+            log.error("engine_bad_output", error=e.message, batch=len(batch), engine=engine.name)
+            self._fail_batch(batch, e)
+            return
+        except Exception:
+            log.exception("engine_batch_failed", batch=len(batch), engine=engine.name)
+            self._fail_batch(batch, EngineFailure("engine failed on this batch"))
+            return
+        finally:
+            self.in_flight = 0
+        elapsed = self._clock() - start
+        self.batch_s += EWMA_ALPHA * (elapsed - self.batch_s)
+        self.stats.engine_time.add(elapsed)
+        self.stats.batch_sizes[len(batch)] += 1
+        for i, item in enumerate(batch):
+            if not item.future.done():
+                item.future.set_result(Prediction(float(probs[i]), out.features[i], engine.name, len(batch)))
+
+    def _fail_batch(self, batch: list[Item], error: SvdError) -> None:
+        self.stats.batches_failed += 1
+        for item in batch:
+            _fail(item, error)
+
+    def _die(self, exc: BaseException) -> None:
+        if not isinstance(exc, asyncio.CancelledError):
+            self.errored = f"batch loop died: {exc!r}"
+            log.error("batcher_died", error=repr(exc))
+        dead = EngineDead("miner's batch loop has stopped")
+        self._closed = dead
+        while self._queue:
+            _fail(heapq.heappop(self._queue), dead)
+
+
+def _fail(item: Item, error: SvdError) -> None:
+    if not item.future.done():
+        item.future.set_exception(error)
+
+
+def _checked_probs(out: EngineResult, n: int) -> np.ndarray:
+    """The last guard before validators: right count, finite, inside [0, 1]."""
+    probs = np.asarray(out.probs, dtype=np.float64).reshape(-1)
+    if probs.shape[0] != n or len(out.features) != n:
+        raise EngineFailure(
+            f"engine returned {probs.shape[0]} probabilities for {n} images: "
+            "its infer() must return one row per input image",
+            reason="bad_output",
+        )
+    if not np.all(np.isfinite(probs)) or np.any(probs < 0.0) or np.any(probs > 1.0):
+        raise EngineFailure("engine output is NaN or outside [0, 1]", reason="bad_output")
+    return probs

@@ -1,0 +1,249 @@
+"""`svd bench`: signed load against a running daemon, and the raw in-process ceilings.
+
+Closed loop keeps C requests in flight; open loop sends at a fixed rate R and
+times each request from its scheduled send time, so a slow server cannot hide
+its queueing (no coordinated omission). Raw mode times, with no HTTP, the work
+every answer needs: decode the same JPEGs, then the engine, at batch size B;
+and the engine alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import io
+import json
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from svd import protocol
+from svd.config import Config
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=None, help="default: server.port from the config")
+    p.add_argument("--axon-hotkey", default=None, help="miner hotkey to sign for (default: asked from the daemon)")
+    p.add_argument("--uri", default="//Alice", help="caller keypair URI (must be allowed by the miner)")
+    p.add_argument("-c", "--concurrency", type=int, default=16, help="closed loop: requests in flight")
+    p.add_argument("-r", "--rate", type=float, default=0.0, help="open loop: requests per second (overrides -c)")
+    p.add_argument("-d", "--duration", type=float, default=10.0, help="seconds of load after warm-up")
+    p.add_argument("--warmup", type=float, default=2.0, help="seconds of load not counted")
+    p.add_argument("--images", type=Path, default=None, help="folder of JPEGs (default: generated)")
+    p.add_argument("--raw", action="store_true", help="time decode+engine in-process, no HTTP")
+    p.add_argument("-b", "--batch", type=int, default=16, help="raw mode: batch size")
+    p.add_argument("--json", action="store_true", help="print figures as one JSON object")
+    p.set_defaults(func=run_bench)
+
+
+def make_jpegs(n: int, seed: int = 0) -> list[bytes]:
+    """Synthetic 224x224 street-ish scenes as JPEG (PIL's default quality 75, like validators)."""
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        im = Image.new("RGB", (224, 224), tuple(int(c) for c in rng.integers(90, 200, 3)))
+        draw = ImageDraw.Draw(im)
+        draw.rectangle((0, 140, 224, 224), fill=tuple(int(c) for c in rng.integers(40, 90, 3)))  # road
+        for _ in range(int(rng.integers(3, 9))):
+            x, y = (int(v) for v in rng.integers(0, 200, 2))
+            colour = (255, int(rng.integers(80, 160)), 0) if rng.random() < 0.5 else tuple(int(c) for c in rng.integers(0, 255, 3))
+            draw.polygon([(x, y + 30), (x + 12, y), (x + 24, y + 30)], fill=colour)  # cones and clutter
+        noise = rng.normal(0, 8, (224, 224, 3))
+        arr = np.clip(np.asarray(im, dtype=np.float64) + noise, 0, 255).astype(np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, format="JPEG")
+        out.append(buf.getvalue())
+    return out
+
+
+def load_images(folder: Path | None, n: int = 64) -> list[str]:
+    """Base64 JPEGs from `folder`, or generated ones."""
+    blobs = [p.read_bytes() for p in sorted(folder.glob("*.jp*g"))] if folder else make_jpegs(n)
+    if not blobs:
+        raise SystemExit(f"svd bench: no .jpg files in {folder}")
+    return [base64.b64encode(b).decode() for b in blobs]
+
+
+@dataclass
+class LoadResult:
+    sent: int = 0
+    ok: int = 0
+    errors: Counter[str] = field(default_factory=Counter)
+    latencies: list[float] = field(default_factory=list)
+    bad_predictions: int = 0
+
+    def summary(self, seconds: float) -> dict[str, Any]:
+        lat = np.asarray(self.latencies) * 1000 if self.latencies else np.zeros(1)
+        p50, p90, p99 = np.percentile(lat, [50, 90, 99])
+        return {
+            "seconds": round(seconds, 2),
+            "sent": self.sent,
+            "ok": self.ok,
+            "throughput_rps": round(self.ok / seconds, 1),
+            "p50_ms": round(float(p50), 2),
+            "p90_ms": round(float(p90), 2),
+            "p99_ms": round(float(p99), 2),
+            "errors": dict(self.errors),
+            "bad_predictions": self.bad_predictions,
+        }
+
+
+class LoadClient:
+    """Signs queries like a bittensor 9.x dendrite and records what comes back."""
+
+    def __init__(self, url: str, axon_hotkey: str, uri: str, images: list[str], timeout: float = 9.0) -> None:
+        from bittensor_wallet import Keypair
+
+        self.url = url
+        self.axon_hotkey = axon_hotkey
+        self.keypair = Keypair.create_from_uri(uri)
+        self.images = images
+        self.timeout = timeout
+        self._next = 0
+
+    async def one(self, session: Any, result: LoadResult | None, started: float | None = None) -> None:
+        import aiohttp
+
+        image = self.images[self._next % len(self.images)]
+        self._next += 1
+        headers, body = protocol.dendrite_request(self.keypair, self.axon_hotkey, image, timeout=self.timeout)
+        t0 = time.perf_counter() if started is None else started
+        try:
+            async with session.post(self.url, data=body, headers=headers) as resp:
+                payload = await resp.read()
+                status = resp.status
+        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+            if result is not None:
+                result.sent += 1
+                result.errors[type(e).__name__] += 1
+            return
+        if result is None:
+            return
+        result.sent += 1
+        if status != 200:
+            result.errors[str(status)] += 1
+            return
+        pred = json.loads(payload).get("prediction")
+        if not isinstance(pred, float) or not 0.0 <= pred <= 1.0:
+            result.bad_predictions += 1
+        result.ok += 1
+        result.latencies.append(time.perf_counter() - t0)
+
+
+async def closed_loop(client: LoadClient, concurrency: int, warmup: float, duration: float) -> dict[str, Any]:
+    import aiohttp
+
+    result = LoadResult()
+    counting: list[LoadResult | None] = [None]
+    stop_at = time.perf_counter() + warmup + duration
+
+    async def worker(session: aiohttp.ClientSession) -> None:
+        while time.perf_counter() < stop_at:
+            await client.one(session, counting[0])
+
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as session:
+        tasks = [asyncio.create_task(worker(session)) for _ in range(concurrency)]
+        await asyncio.sleep(warmup)
+        counting[0] = result
+        t0 = time.perf_counter()
+        await asyncio.gather(*tasks)
+        return result.summary(time.perf_counter() - t0)
+
+
+async def open_loop(client: LoadClient, rate: float, warmup: float, duration: float) -> dict[str, Any]:
+    import aiohttp
+
+    result = LoadResult()
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        tasks = []
+        start = time.perf_counter()
+        n_total = int((warmup + duration) * rate)
+        for i in range(n_total):
+            due = start + i / rate
+            await asyncio.sleep(max(0.0, due - time.perf_counter()))
+            counted = result if i >= warmup * rate else None
+            tasks.append(asyncio.create_task(client.one(session, counted, started=due)))
+        await asyncio.gather(*tasks)
+        return result.summary(duration)
+
+
+def raw_ceilings(cfg: Config, images: list[str], batch: int, seconds: float = 5.0) -> dict[str, Any]:
+    """Time decode+engine and engine alone in this process, as the daemon's worker would."""
+    from svd.decode import DecodeLimits, decode_image
+    from svd.engine import load_engine, newest_engine
+
+    path = cfg.engines_dir / cfg.engine.name if cfg.engine.name else newest_engine(cfg.engines_dir)
+    if path is None:
+        raise SystemExit(f"svd bench: no engine in {cfg.engines_dir}; run `svd build-engine --demo`")
+    engine = load_engine(path, backend=cfg.engine.backend, threads=cfg.engine.threads)
+    limits = DecodeLimits(cfg.decode.max_image_bytes, cfg.decode.max_pixels, cfg.decode.formats)
+    engine.warmup((batch,))
+    groups = [images[(i * batch) % len(images) :][:batch] for i in range(8)]
+    groups = [g if len(g) == batch else (g * batch)[:batch] for g in groups]
+
+    def full(i: int) -> None:
+        engine.infer(np.stack([decode_image(b, limits) for b in groups[i % len(groups)]]))
+
+    decoded = [np.stack([decode_image(b, limits) for b in g]) for g in groups]
+    figures = {"engine": engine.name, "backend": engine.backend_name, "batch": batch}
+    figures["decode_plus_engine"] = _time_calls(full, seconds, batch)
+    figures["engine_alone"] = _time_calls(lambda i: engine.infer(decoded[i % len(decoded)]), seconds, batch)
+    engine.close()
+    return figures
+
+
+def _time_calls(fn: Any, seconds: float, batch: int) -> dict[str, float]:
+    times = []
+    deadline = time.perf_counter() + seconds
+    i = 0
+    while time.perf_counter() < deadline or i < 5:
+        t0 = time.perf_counter()
+        fn(i)
+        times.append(time.perf_counter() - t0)
+        i += 1
+    a = np.asarray(times) * 1000
+    return {
+        "calls": len(times),
+        "images_per_s": round(batch * len(times) / (a.sum() / 1000), 1),
+        "p50_ms": round(float(np.percentile(a, 50)), 2),
+        "p99_ms": round(float(np.percentile(a, 99)), 2),
+    }
+
+
+def run_bench(args: argparse.Namespace, cfg: Config) -> int:
+    images = load_images(args.images)
+    if args.raw:
+        figures = raw_ceilings(cfg, images, args.batch, seconds=args.duration)
+    else:
+        port = args.port or cfg.server.port
+        hotkey = args.axon_hotkey or _daemon_hotkey(cfg)
+        client = LoadClient(f"http://{args.host}:{port}/ImageSynapse", hotkey, args.uri, images)
+        if args.rate > 0:
+            figures = asyncio.run(open_loop(client, args.rate, args.warmup, args.duration))
+            figures["mode"] = f"open loop, {args.rate}/s"
+        else:
+            figures = asyncio.run(closed_loop(client, args.concurrency, args.warmup, args.duration))
+            figures["mode"] = f"closed loop, concurrency {args.concurrency}"
+    print(json.dumps(figures) if args.json else _render(figures))
+    return 0
+
+
+def _daemon_hotkey(cfg: Config) -> str:
+    from svd.control import call
+
+    try:
+        return str(call(cfg.socket_path, "status")["hotkey"])
+    except (OSError, RuntimeError) as e:
+        raise SystemExit(f"svd bench: pass --axon-hotkey, or run it beside the daemon ({e})") from None
+
+
+def _render(figures: dict[str, Any]) -> str:
+    return "\n".join(f"{k:20} {v}" for k, v in figures.items())

@@ -1,0 +1,98 @@
+"""`svd run|status|build-engine|bench`: the only place that exits the process."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import structlog
+
+from svd.config import Config, ConfigError, load_config
+from svd.logs import setup_logging
+
+log = structlog.get_logger(__name__)
+DEFAULT_CONFIG = Path("config.toml")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        cfg = _config(args.config)
+    except ConfigError as e:
+        print(f"svd: invalid configuration: {e}", file=sys.stderr)
+        return 2
+    result: int = args.func(args, cfg)
+    return result
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="svd", description="NATIX StreetVision miner daemon")
+    parser.add_argument(
+        "-c", "--config", type=Path, default=None, help="config file (default: ./config.toml if present, else built-in)"
+    )
+    sub = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run the miner daemon")
+    run.set_defaults(func=_run)
+
+    status = sub.add_parser("status", help="show the running daemon's status")
+    status.add_argument("--json", action="store_true", help="print the raw snapshot as JSON")
+    status.set_defaults(func=_status)
+
+    build = sub.add_parser("build-engine", help="build an engine directory into engines/")
+    build.add_argument("--demo", action="store_true", help="tiny random DINOv3 backbone and head (no download)")
+    build.add_argument("--name", default="demo", help="engine directory name")
+    build.set_defaults(func=_build_engine)
+
+    from svd.bench import add_arguments as add_bench_arguments
+
+    bench = sub.add_parser("bench", help="load generator and raw engine ceilings")
+    add_bench_arguments(bench)
+    return parser
+
+
+def _config(path: Path | None) -> Config:
+    if path is None and DEFAULT_CONFIG.is_file():
+        path = DEFAULT_CONFIG
+    return load_config(path)
+
+
+def _run(args: argparse.Namespace, cfg: Config) -> int:
+    from svd.daemon import Daemon, StartupError
+    from svd.engine import EngineError
+    from svd.wallet import WalletError
+
+    setup_logging(cfg.daemon.log_level, cfg.daemon.log_format)
+    try:
+        return Daemon(cfg).run()
+    except (StartupError, WalletError, EngineError, OSError) as e:
+        log.error("startup_failed", error=str(e))
+        return 1
+
+
+def _status(args: argparse.Namespace, cfg: Config) -> int:
+    from svd.control import call
+    from svd.status import render_table
+
+    try:
+        snapshot = call(cfg.socket_path, "status")
+    except (OSError, RuntimeError) as e:
+        print(f"svd: no daemon answers on {cfg.socket_path}: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(snapshot, indent=2) if args.json else render_table(snapshot))
+    return 0
+
+
+def _build_engine(args: argparse.Namespace, cfg: Config) -> int:
+    if not args.demo:
+        print("svd: only --demo engines can be built yet", file=sys.stderr)
+        return 2
+    from svd.build import build_demo_engine
+
+    setup_logging(cfg.daemon.log_level, cfg.daemon.log_format)
+    path = build_demo_engine(cfg.engines_dir, name=args.name)
+    print(path)
+    return 0

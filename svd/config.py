@@ -1,0 +1,275 @@
+"""Configuration: frozen dataclasses, loaded and validated in one place.
+
+The dataclass defaults *are* the embedded default configuration: `svd run`
+with no config file serves offline on CPU. `config.toml` at the repository
+root is the same defaults, commented, for operators to edit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bittensor_wallet import Keypair
+
+# //Alice, the well-known development key. `svd bench` signs with it, so the
+# offline default lets a fresh checkout benchmark itself. Never trust it online.
+DEV_HOTKEY = "5GrwvaEF5zXb26Fz9rcQpDWS57CtERHpNehXCPcNoHGKutQY"
+SS58_LEN = 48
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP")
+
+
+class ConfigError(Exception):
+    """A config value is wrong; the message names the key and the expected form."""
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "0.0.0.0"
+    port: int = 8091
+    max_body_bytes: int = 2_000_000
+    max_header_bytes: int = 16_384
+    # Bittensor dendrites send `timeout` (9 s for NATIX); it is unsigned, so cap it.
+    timeout_cap_s: float = 12.0
+    default_timeout_s: float = 9.0
+    # Answer this long before the caller gives up, to leave time for the trip back.
+    response_margin_s: float = 0.25
+
+    def validate(self) -> None:
+        _check(0 <= self.port <= 65535, "server.port", "an integer 0..65535", self.port)
+        _check(self.max_body_bytes >= 1024, "server.max_body_bytes", "an integer >= 1024", self.max_body_bytes)
+        _check(self.max_header_bytes >= 1024, "server.max_header_bytes", "an integer >= 1024", self.max_header_bytes)
+        _check(self.timeout_cap_s > 0, "server.timeout_cap_s", "a number > 0", self.timeout_cap_s)
+        _check(
+            0 < self.default_timeout_s <= self.timeout_cap_s, "server.default_timeout_s", "a number > 0 and <= server.timeout_cap_s", self.default_timeout_s)
+        _check(
+            0 <= self.response_margin_s < self.default_timeout_s, "server.response_margin_s", "a number >= 0 and < server.default_timeout_s", self.response_margin_s)
+
+
+@dataclass(frozen=True)
+class AllowedCaller:
+    hotkey: str
+    stake: float = 0.0
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    mode: str = "offline"
+    # A nonce older than this (or further in the future than nonce_future_s)
+    # is refused, whatever the unsigned `timeout` header claims.
+    nonce_max_age_s: float = 16.0
+    nonce_future_s: float = 4.0
+    allowlist: tuple[AllowedCaller, ...] = (AllowedCaller(hotkey=DEV_HOTKEY, stake=1.0),)
+
+    def validate(self) -> None:
+        _check(self.mode == "offline", "auth.mode", '"offline" (online mode is not built yet)', self.mode)
+        _check(0 < self.nonce_max_age_s <= 120, "auth.nonce_max_age_s", "a number in (0, 120]", self.nonce_max_age_s)
+        _check(0 <= self.nonce_future_s <= 60, "auth.nonce_future_s", "a number in [0, 60]", self.nonce_future_s)
+        for i, caller in enumerate(self.allowlist):
+            key = f"auth.allowlist[{i}]"
+            _check(_looks_ss58(caller.hotkey), f"{key}.hotkey", "an ss58 address (48 characters)", caller.hotkey)
+            _check(caller.stake >= 0, f"{key}.stake", "a number >= 0", caller.stake)
+
+
+@dataclass(frozen=True)
+class WalletConfig:
+    name: str = "default"
+    hotkey: str = "default"
+    path: str = "~/.bittensor/wallets"
+
+    def validate(self) -> None:
+        _check(bool(self.name), "wallet.name", "a non-empty wallet name", self.name)
+        _check(bool(self.hotkey), "wallet.hotkey", "a non-empty hotkey name", self.hotkey)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    dir: str = "engines"
+    # Serve this engine by name; empty serves the newest one in `dir`.
+    name: str = ""
+    backend: str = "auto"
+    threads: int = 0
+    build_demo_if_empty: bool = True
+    warmup_batch_sizes: tuple[int, ...] = (1, 16)
+
+    def validate(self) -> None:
+        backends = ("auto", "onnx", "torch")
+        _check(self.backend in backends, "engine.backend", f"one of {', '.join(backends)}", self.backend)
+        _check(0 <= self.threads <= 256, "engine.threads", "an integer 0..256 (0: runtime default)", self.threads)
+        _check(
+            all(1 <= b <= 1024 for b in self.warmup_batch_sizes), "engine.warmup_batch_sizes", "a list of integers 1..1024", self.warmup_batch_sizes)
+
+
+@dataclass(frozen=True)
+class BatcherConfig:
+    max_batch: int = 16
+    max_queue: int = 256
+    # Wait this long for a fuller batch when the worker is idle; 0 sends at once.
+    max_wait_ms: float = 0.0
+    # A single engine call longer than this marks the engine wedged.
+    step_timeout_s: float = 10.0
+
+    def validate(self) -> None:
+        _check(1 <= self.max_batch <= 1024, "batcher.max_batch", "an integer 1..1024", self.max_batch)
+        _check(self.max_queue >= self.max_batch, "batcher.max_queue", "an integer >= batcher.max_batch", self.max_queue)
+        _check(0 <= self.max_wait_ms <= 1000, "batcher.max_wait_ms", "a number 0..1000", self.max_wait_ms)
+        _check(self.step_timeout_s > 0, "batcher.step_timeout_s", "a number > 0", self.step_timeout_s)
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    threads: int = 2
+    max_image_bytes: int = 1_500_000
+    max_pixels: int = 4096 * 4096
+    formats: tuple[str, ...] = IMAGE_FORMATS
+
+    def validate(self) -> None:
+        _check(1 <= self.threads <= 64, "decode.threads", "an integer 1..64", self.threads)
+        _check(self.max_image_bytes >= 1024, "decode.max_image_bytes", "an integer >= 1024", self.max_image_bytes)
+        _check(self.max_pixels >= 224 * 224, "decode.max_pixels", "an integer >= 50176 (224*224)", self.max_pixels)
+        _check(
+            bool(self.formats) and all(f in IMAGE_FORMATS for f in self.formats), "decode.formats", f"a non-empty list drawn from {list(IMAGE_FORMATS)}", self.formats)
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    state_dir: str = "state"
+    shutdown_grace_s: float = 10.0
+    log_level: str = "info"
+    # auto: JSON lines when stdout is not a terminal (journald), console otherwise.
+    log_format: str = "auto"
+
+    def validate(self) -> None:
+        _check(0 <= self.shutdown_grace_s <= 600, "daemon.shutdown_grace_s", "a number 0..600", self.shutdown_grace_s)
+        levels = ("debug", "info", "warning", "error")
+        _check(self.log_level in levels, "daemon.log_level", f"one of {', '.join(levels)}", self.log_level)
+        formats = ("auto", "json", "console")
+        _check(self.log_format in formats, "daemon.log_format", f"one of {', '.join(formats)}", self.log_format)
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    wallet: WalletConfig = field(default_factory=WalletConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    batcher: BatcherConfig = field(default_factory=BatcherConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+    daemon: DaemonConfig = field(default_factory=DaemonConfig)
+    # Relative paths in the config resolve against this directory.
+    base_dir: Path = field(default_factory=Path.cwd)
+
+    @property
+    def state_dir(self) -> Path:
+        return self._resolve(self.daemon.state_dir)
+
+    @property
+    def engines_dir(self) -> Path:
+        return self._resolve(self.engine.dir)
+
+    @property
+    def socket_path(self) -> Path:
+        return self.state_dir / "svd.sock"
+
+    def _resolve(self, p: str) -> Path:
+        path = Path(p).expanduser()
+        return path if path.is_absolute() else self.base_dir / path
+
+
+def load_config(path: Path | None) -> Config:
+    """Read and validate `path`; None gives the embedded default.
+
+    Raises ConfigError naming the key for an unknown key, a wrong type or a
+    value out of range.
+    """
+    if path is None:
+        return _validated(Config())
+    try:
+        data = tomllib.loads(path.read_text())
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from e
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {path} is not valid TOML: {e}") from e
+    return config_from_dict(data, base_dir=path.resolve().parent)
+
+
+def config_from_dict(data: dict[str, Any], base_dir: Path | None = None) -> Config:
+    sections = _build(Config, {k: v for k, v in data.items()}, prefix="", skip={"base_dir"})
+    return _validated(dataclasses.replace(sections, base_dir=base_dir or Path.cwd()))
+
+
+def _validated(cfg: Config) -> Config:
+    for f in dataclasses.fields(cfg):
+        section = getattr(cfg, f.name)
+        if hasattr(section, "validate"):
+            section.validate()
+    return cfg
+
+
+def _build(cls: type, data: Any, prefix: str, skip: frozenset[str] | set[str] = frozenset()) -> Any:
+    where = prefix.rstrip(".") or "top level"
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a table, got {_kind(data)}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.name not in skip]
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in names:
+            hint = difflib.get_close_matches(key, names, n=1)
+            extra = f" (did you mean {prefix}{hint[0]}?)" if hint else ""
+            raise ConfigError(f"{prefix}{key}: unknown key{extra}")
+        kwargs[key] = _convert(hints[key], value, f"{prefix}{key}")
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # a required field (e.g. allowlist hotkey) is missing
+        missing = [f.name for f in dataclasses.fields(cls) if f.name not in kwargs]
+        raise ConfigError(f"{where}: missing key {prefix}{missing[0]}") from e
+
+
+def _convert(hint: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        return _build(typing.cast(type, hint), value, prefix=f"{key}.")
+    if origin is tuple:
+        item = typing.get_args(hint)[0]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {_kind(value)}")
+        return tuple(_convert(item, v, f"{key}[{i}]") for i, v in enumerate(value))
+    if origin in (typing.Union, types.UnionType):
+        raise AssertionError(f"unsupported config type at {key}")  # keep the schema simple
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is int and isinstance(value, bool) or not isinstance(value, hint):
+        raise ConfigError(f"{key}: expected {_TYPE_WORDS[hint]}, got {_kind(value)}")
+    return value
+
+
+_TYPE_WORDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+
+
+def _kind(value: Any) -> str:
+    return {dict: "a table", list: "a list", str: "a string", bool: "a boolean"}.get(
+        type(value), f"{type(value).__name__} {value!r}"
+    )
+
+
+def _check(ok: bool, key: str, expected: str, value: Any = None) -> None:
+    if not ok:
+        got = "" if value is None else f", got {value!r}"
+        raise ConfigError(f"{key}: expected {expected}{got}")
+
+
+def _looks_ss58(address: str) -> bool:
+    if len(address) != SS58_LEN:
+        return False
+    try:
+        Keypair(ss58_address=address)  # decodes and checks the checksum
+    except ValueError:
+        return False
+    return True

@@ -1,0 +1,274 @@
+"""Daemon: the process's life cycle, one method per phase.
+
+run() -> serve() -> startup() / main_loop() / shutdown(). Startup order:
+state dir -> hotkey -> engine (built on first start) -> batcher -> control
+socket -> listener -> READY=1. Shutdown undoes it in reverse, bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import Coroutine
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import structlog
+import uvloop
+from aiohttp import web
+
+from svd import __version__
+from svd.auth import Authenticator
+from svd.batcher import Batcher
+from svd.config import Config
+from svd.control import ControlServer
+from svd.decode import DecodeLimits
+from svd.engine import Engine, load_engine, newest_engine
+from svd.errors import ShuttingDown
+from svd.notify import Notifier
+from svd.server import Frontend
+from svd.status import Stats, StatusSnapshot
+from svd.wallet import load_hotkey
+
+log = structlog.get_logger(__name__)
+HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+HEALTH_INTERVAL_S = 5.0
+
+
+class StartupError(Exception):
+    """Start-up cannot go on; the message says what to fix."""
+
+
+class Daemon:
+    """The miner process.
+
+    Args:
+        cfg: validated configuration.
+        handle_signals: install SIGTERM/SIGINT handlers (off when embedded in tests).
+        notifier: sd_notify sender; defaults to $NOTIFY_SOCKET.
+    """
+
+    def __init__(self, cfg: Config, *, handle_signals: bool = True, notifier: Notifier | None = None) -> None:
+        self.cfg = cfg
+        self.handle_signals = handle_signals
+        self.notifier = notifier or Notifier()
+        self.stats = Stats()
+        self.state = "starting"
+        self.errored: str | None = None
+        self.port: int | None = None
+        self.started = asyncio.Event()
+        self.should_exit = asyncio.Event()
+        self.force_exit = asyncio.Event()
+        # The one thread that runs the engine: it alone touches the accelerator.
+        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="svd-engine")
+        self.decoder = ThreadPoolExecutor(max_workers=cfg.decode.threads, thread_name_prefix="svd-decode")
+        self.engine: Engine | None = None
+        self.batcher: Batcher | None = None
+        self.frontend: Frontend | None = None
+        self._runner: web.AppRunner | None = None
+        self._control: ControlServer | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._hotkey = ""
+
+    def run(self) -> int:
+        """Serve until a signal; the process exit code (non-zero when errored)."""
+        uvloop.run(self.serve())
+        return 1 if self.errored else 0
+
+    async def serve(self) -> None:
+        if self.handle_signals:
+            self._install_signal_handlers()
+        try:
+            await self.startup()
+            await self.main_loop()
+        finally:
+            await self.shutdown()
+
+    async def startup(self) -> None:
+        cfg = self.cfg
+        cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        hotkey = load_hotkey(cfg.wallet, cfg.state_dir, offline=cfg.auth.mode == "offline")
+        self._hotkey = hotkey.ss58_address
+        self.engine = await self._in_worker(self._load_engine)
+        self.batcher = Batcher(
+            self.engine,
+            self.worker,
+            max_batch=cfg.batcher.max_batch,
+            max_queue=cfg.batcher.max_queue,
+            max_wait_s=cfg.batcher.max_wait_ms / 1000,
+            step_timeout_s=cfg.batcher.step_timeout_s,
+            stats=self.stats,
+        )
+        self.spawn("batcher", self.batcher.run())
+        self._control = ControlServer(cfg.socket_path, {"status": lambda _: self.snapshot().to_dict()})
+        await self._control.start()
+        await self._start_listener(hotkey.ss58_address)
+        self.spawn("health", self._health_loop())
+        self.state = "serving"
+        self.started.set()
+        self.notifier.ready()
+        log.info("serving", port=self.port, hotkey=self._hotkey, engine=self.engine.name, pid=os.getpid())
+
+    async def main_loop(self) -> None:
+        await self.should_exit.wait()
+
+    async def shutdown(self) -> None:
+        self.state = "stopping"
+        self.notifier.stopping()
+        if self.frontend is not None:
+            self.frontend.accepting = False
+        if self.batcher is not None:
+            self.batcher.close(ShuttingDown("miner is shutting down"))
+        if self._runner is not None:
+            # Stops listening, then waits for in-flight handlers up to the grace period.
+            drain = asyncio.ensure_future(self._runner.cleanup())
+            await asyncio.wait([drain, asyncio.ensure_future(self.force_exit.wait())], return_when="FIRST_COMPLETED")
+            if not drain.done():
+                log.warning("forced_exit", in_flight=self.batcher.in_flight if self.batcher else 0)
+                drain.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._control is not None:
+            await self._control.close()
+        if self.engine is not None:
+            await self._in_worker(self.engine.close)
+        self.worker.shutdown(wait=False, cancel_futures=True)
+        self.decoder.shutdown(wait=False, cancel_futures=True)
+        s = self.stats
+        log.info(
+            "stopped",
+            served=s.served,
+            refused=sum(s.refused.values()),
+            failed=sum(s.failed.values()),
+            uptime_s=round(time.time() - s.started, 1),
+            errored=self.errored,
+        )
+
+    def spawn(self, name: str, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """Run a supervised task: if it ends while serving, that is a bug and we exit non-zero."""
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._on_task_done)
+        return task
+
+    def _on_task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if task.cancelled() or self.should_exit.is_set():
+            return
+        error = task.exception()
+        self.errored = f"task {task.get_name()} exited: {error!r}"
+        log.error("task_died", task=task.get_name(), error=repr(error))
+        self.should_exit.set()
+
+    def snapshot(self) -> StatusSnapshot:
+        s, b, e = self.stats, self.batcher, self.engine
+        errored = self.errored or (b.errored if b else None)
+        return StatusSnapshot(
+            version=__version__,
+            pid=os.getpid(),
+            uptime_s=round(time.time() - s.started, 1),
+            state=self.state,
+            errored=errored,
+            hotkey=self._hotkey,
+            listen=f"{self.cfg.server.host}:{self.port}",
+            engine={"name": e.name, "version": e.version, "backend": e.backend_name, "path": str(e.path)} if e else {},
+            served=s.served,
+            refused=dict(s.refused),
+            failed=dict(s.failed),
+            queue_depth=b.depth if b else 0,
+            in_flight=b.in_flight if b else 0,
+            batch_sizes={str(k): v for k, v in sorted(s.batch_sizes.items())},
+            batches_failed=s.batches_failed,
+            latency_ms=s.latency.summary_ms(),
+            decode_ms=s.decode_time.summary_ms(),
+            engine_ms=s.engine_time.summary_ms(),
+        )
+
+    def _load_engine(self) -> Engine:
+        """Runs on the worker thread: find or build the engine, load it, warm it up."""
+        cfg = self.cfg
+        path = self._engine_path()
+        engine = load_engine(path, backend=cfg.engine.backend, threads=cfg.engine.threads)
+        engine.warmup(cfg.engine.warmup_batch_sizes)
+        log.info("engine_loaded", name=engine.name, version=engine.version, backend=engine.backend_name)
+        return engine
+
+    def _engine_path(self) -> Path:
+        engines = self.cfg.engines_dir
+        if self.cfg.engine.name:
+            path = engines / self.cfg.engine.name
+            if not (path / "manifest.json").is_file():
+                raise StartupError(f"engine.name: no engine {self.cfg.engine.name!r} in {engines}")
+            return path
+        newest = newest_engine(engines) if engines.is_dir() else None
+        if newest is not None:
+            return newest
+        if not self.cfg.engine.build_demo_if_empty:
+            raise StartupError(f"no engine in {engines}: run `svd build-engine --demo` or copy one there")
+        from svd.build import build_demo_engine  # torch export tooling, only needed here
+
+        log.info("building_demo_engine", dir=str(engines))
+        return build_demo_engine(engines)
+
+    async def _start_listener(self, hotkey: str) -> None:
+        assert self.engine is not None and self.batcher is not None
+        cfg = self.cfg
+        self.frontend = Frontend(
+            cfg=cfg.server,
+            auth=Authenticator(
+                hotkey,
+                {c.hotkey: c.stake for c in cfg.auth.allowlist},
+                cfg.auth.nonce_max_age_s,
+                cfg.auth.nonce_future_s,
+            ),
+            batcher=self.batcher,
+            decoder=self.decoder,
+            limits=DecodeLimits(cfg.decode.max_image_bytes, cfg.decode.max_pixels, cfg.decode.formats),
+            stats=self.stats,
+        )
+        self._runner = web.AppRunner(
+            self.frontend.make_app(),
+            handle_signals=False,
+            access_log=None,
+            shutdown_timeout=cfg.daemon.shutdown_grace_s,
+            max_field_size=cfg.server.max_header_bytes,
+            max_line_size=cfg.server.max_header_bytes,
+        )
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, cfg.server.host, cfg.server.port, reuse_address=True)
+        await site.start()
+        server = site._server
+        sockets = getattr(server, "sockets", None) or []
+        self.port = sockets[0].getsockname()[1] if sockets else cfg.server.port
+
+    async def _health_loop(self) -> None:
+        """Ping systemd's watchdog only while the loop and the engine worker both answer."""
+        interval = min(self.notifier.watchdog_interval_s or HEALTH_INTERVAL_S, HEALTH_INTERVAL_S)
+        budget = self.cfg.batcher.step_timeout_s + interval
+        while True:
+            try:
+                await asyncio.wait_for(self._in_worker(lambda: None), budget)
+            except TimeoutError:
+                log.error("engine_worker_unresponsive", waited_s=budget)
+            else:
+                if not (self.batcher and self.batcher.errored):
+                    self.notifier.watchdog()
+            await asyncio.sleep(interval)
+
+    def _install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in HANDLED_SIGNALS:
+            loop.add_signal_handler(sig, self._on_signal, sig)
+
+    def _on_signal(self, sig: signal.Signals) -> None:
+        if self.should_exit.is_set():
+            self.force_exit.set()  # a second signal: stop waiting for in-flight requests
+        log.info("signal_received", signal=sig.name)
+        self.should_exit.set()
+
+    async def _in_worker(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self.worker, fn, *args)

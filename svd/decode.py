@@ -1,0 +1,66 @@
+"""Image bytes to the engine's input: base64 -> image -> RGB uint8 224x224.
+
+Runs in a small thread pool, never on the event loop. Every way a hostile or
+broken image can fail becomes BadRequest or PayloadTooLarge.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from svd.errors import BadRequest, PayloadTooLarge
+
+SIZE = 224
+# PIL only warns between MAX_IMAGE_PIXELS and twice that; a bomb must fail.
+warnings.filterwarnings("error", category=Image.DecompressionBombWarning)
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    max_image_bytes: int
+    max_pixels: int
+    formats: tuple[str, ...]
+
+
+def decode_image(b64: str, limits: DecodeLimits) -> np.ndarray:
+    """Decode a base64 image into a (224, 224, 3) uint8 RGB array."""
+    if not b64:
+        raise BadRequest("field image is empty", reason="bad_image")
+    # base64 is 4/3 of the bytes: refuse before decoding anything.
+    if len(b64) > (limits.max_image_bytes * 4) // 3 + 4:
+        raise PayloadTooLarge(f"image is larger than {limits.max_image_bytes} bytes")
+    try:
+        raw = base64.b64decode(b64, validate=True)
+    except (binascii.Error, ValueError):
+        raise BadRequest("field image is not valid base64", reason="bad_image") from None
+    return _to_array(raw, limits)
+
+
+def _to_array(raw: bytes, limits: DecodeLimits) -> np.ndarray:
+    try:
+        with Image.open(io.BytesIO(raw), formats=list(limits.formats)) as im:
+            width, height = im.size
+            if width * height > limits.max_pixels:
+                raise PayloadTooLarge(f"image has {width}x{height} pixels, more than {limits.max_pixels}")
+            if im.format == "JPEG":
+                # Let libjpeg decode large JPEGs at a reduced scale: far less work.
+                im.draft("RGB", (SIZE, SIZE))
+            rgb = im.convert("RGB")
+    except PayloadTooLarge:
+        raise
+    except Image.UnidentifiedImageError:
+        raise BadRequest(f"image is not one of {', '.join(limits.formats)}", reason="bad_image") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise PayloadTooLarge("image is a decompression bomb") from None
+    except Exception as e:  # truncated data, broken headers, PIL's own limits
+        raise BadRequest(f"image cannot be decoded: {type(e).__name__}", reason="bad_image") from None
+    if rgb.size != (SIZE, SIZE):
+        rgb = rgb.resize((SIZE, SIZE), Image.Resampling.BILINEAR)
+    return np.asarray(rgb, dtype=np.uint8)

@@ -1,0 +1,72 @@
+"""Typed errors of the request path, each with the HTTP status a dendrite expects.
+
+`reason` is the short name `svd status` counts refusals and failures by.
+"""
+
+from __future__ import annotations
+
+
+class SvdError(Exception):
+    status = 500
+    reason = "internal"
+
+    def __init__(self, message: str, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if reason is not None:
+            self.reason = reason
+
+
+class BadRequest(SvdError):
+    status = 400
+    reason = "bad_request"
+
+
+class PayloadTooLarge(SvdError):
+    status = 413
+    reason = "too_large"
+
+
+class Unauthorized(SvdError):
+    """Signature, receiver or nonce check failed."""
+
+    status = 401
+    reason = "bad_signature"
+
+
+class Forbidden(SvdError):
+    """The caller is not on the allowlist (the chain's blacklist, offline)."""
+
+    status = 403
+    reason = "not_allowed"
+
+
+class RequestTimeout(SvdError):
+    """The request cannot be answered before its deadline."""
+
+    status = 408
+    reason = "deadline"
+
+
+class Overloaded(SvdError):
+    status = 503
+    reason = "overloaded"
+
+
+class ShuttingDown(SvdError):
+    status = 503
+    reason = "shutting_down"
+
+
+class EngineFailure(SvdError):
+    """The engine raised or gave unusable output (NaN) for this request's batch."""
+
+    status = 500
+    reason = "engine_error"
+
+
+class EngineDead(SvdError):
+    """The batch loop has stopped; nothing more will be served."""
+
+    status = 503
+    reason = "engine_dead"

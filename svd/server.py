@@ -1,0 +1,130 @@
+"""The validator listener: HTTP request -> checks -> decode -> batcher -> answer.
+
+Every failure becomes a typed SvdError answered with its status and a JSON
+message; nothing a caller sends can crash the handler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import Executor
+from dataclasses import dataclass
+
+import numpy as np
+import structlog
+from aiohttp import web
+
+from svd import protocol
+from svd.auth import Authenticator
+from svd.batcher import Batcher, Prediction
+from svd.config import ServerConfig
+from svd.decode import DecodeLimits, decode_image
+from svd.errors import BadRequest, PayloadTooLarge, RequestTimeout, ShuttingDown, SvdError
+from svd.status import Stats
+
+log = structlog.get_logger(__name__)
+# Failures that are the caller's doing count as refusals; the rest as our failures.
+REFUSALS = (400, 401, 403, 413)
+
+
+@dataclass
+class Frontend:
+    """State the handler needs; built by the daemon, one per process."""
+
+    cfg: ServerConfig
+    auth: Authenticator
+    batcher: Batcher
+    decoder: Executor
+    limits: DecodeLimits
+    stats: Stats
+    accepting: bool = True
+
+    def make_app(self) -> web.Application:
+        # Body size is enforced by aiohttp while reading (413), before JSON parsing.
+        app = web.Application(client_max_size=self.cfg.max_body_bytes)
+        for route in protocol.ROUTES:
+            app.router.add_post(f"/{route}", self.handle)
+        return app
+
+    async def handle(self, request: web.Request) -> web.Response:
+        start = time.monotonic()
+        name = request.path.lstrip("/")
+        caller = None
+        timeout = self.cfg.default_timeout_s
+        try:
+            if not self.accepting:
+                raise ShuttingDown("miner is shutting down")
+            caller = protocol.parse_headers(request.headers)
+            identity = self.auth.check(caller)
+            if caller.timeout is not None:
+                timeout = min(caller.timeout, self.cfg.timeout_cap_s)
+            deadline = start + max(timeout - self.cfg.response_margin_s, 0.0)
+            query = protocol.parse_body(await _read_body(request))
+            image = await self._decode(query.image)
+            future = self.batcher.submit(image, identity.stake, deadline)
+            prediction = await _await_until(future, deadline)
+        except SvdError as e:
+            return self._error(e, name, timeout, caller, start)
+        elapsed = time.monotonic() - start
+        self.stats.served += 1
+        self.stats.latency.add(elapsed)
+        log.debug("answered", caller=identity.hotkey, prob=prediction.prob, ms=round(elapsed * 1000, 2))
+        return web.Response(
+            body=protocol.success_body(name, prediction.prob, query, timeout),
+            content_type="application/json",
+            headers=self._headers(name, timeout, 200, "Success", elapsed, caller),
+        )
+
+    async def _decode(self, b64: str) -> np.ndarray:
+        started = time.monotonic()
+        loop = asyncio.get_running_loop()
+        image = await loop.run_in_executor(self.decoder, decode_image, b64, self.limits)
+        self.stats.decode_time.add(time.monotonic() - started)
+        return image
+
+    def _error(
+        self, e: SvdError, name: str, timeout: float, caller: protocol.CallerHeaders | None, start: float
+    ) -> web.Response:
+        if e.status in REFUSALS:
+            self.stats.refuse(e.reason)
+        else:
+            self.stats.fail(e.reason)
+        log.debug("refused", status=e.status, reason=e.reason, error=e.message)
+        elapsed = time.monotonic() - start
+        return web.Response(
+            status=e.status,
+            body=protocol.error_body(e.message),
+            content_type="application/json",
+            headers=self._headers(name, timeout, e.status, e.message, elapsed, caller),
+        )
+
+    def _headers(
+        self, name: str, timeout: float, status: int, message: str, elapsed: float, caller: protocol.CallerHeaders | None
+    ) -> dict[str, str]:
+        return protocol.response_headers(
+            name=name,
+            timeout=timeout,
+            status=status,
+            message=message,
+            process_time=elapsed,
+            axon_hotkey=self.auth.own_hotkey,
+            caller=caller,
+        )
+
+
+async def _read_body(request: web.Request) -> bytes:
+    try:
+        return await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise PayloadTooLarge("request body is too large") from None
+    except (ConnectionError, asyncio.IncompleteReadError, ValueError) as e:
+        raise BadRequest(f"cannot read request body: {type(e).__name__}") from None
+
+
+async def _await_until(future: asyncio.Future[Prediction], deadline: float) -> Prediction:
+    remaining = deadline - time.monotonic()
+    try:
+        return await asyncio.wait_for(future, max(remaining, 0.0))
+    except TimeoutError:
+        raise RequestTimeout("no answer before the deadline") from None

@@ -1,0 +1,124 @@
+"""Counters of the daemon and the StatusSnapshot that `svd status` reads.
+
+Only the event loop thread writes these (the batcher records engine time after
+awaiting the worker), so there are no locks.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter, deque
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+# Percentiles are over the most recent samples, so they follow the present load.
+WINDOW = 10_000
+
+
+class Window:
+    """The last WINDOW samples of one timing, in seconds."""
+
+    def __init__(self, size: int = WINDOW) -> None:
+        self._values: deque[float] = deque(maxlen=size)
+
+    def add(self, seconds: float) -> None:
+        self._values.append(seconds)
+
+    def summary_ms(self) -> dict[str, float]:
+        if not self._values:
+            return {"count": 0}
+        a = np.fromiter(self._values, dtype=np.float64) * 1000.0
+        p50, p90, p99 = np.percentile(a, [50, 90, 99])
+        return {
+            "count": int(a.size),
+            "mean": round(float(a.mean()), 3),
+            "p50": round(float(p50), 3),
+            "p90": round(float(p90), 3),
+            "p99": round(float(p99), 3),
+            "max": round(float(a.max()), 3),
+        }
+
+
+@dataclass
+class Stats:
+    started: float = field(default_factory=time.time)
+    served: int = 0
+    refused: Counter[str] = field(default_factory=Counter)
+    failed: Counter[str] = field(default_factory=Counter)
+    batch_sizes: Counter[int] = field(default_factory=Counter)
+    batches_failed: int = 0
+    latency: Window = field(default_factory=Window)
+    decode_time: Window = field(default_factory=Window)
+    engine_time: Window = field(default_factory=Window)
+
+    def refuse(self, reason: str) -> None:
+        self.refused[reason] += 1
+
+    def fail(self, reason: str) -> None:
+        self.failed[reason] += 1
+
+
+@dataclass(frozen=True)
+class StatusSnapshot:
+    version: str
+    pid: int
+    uptime_s: float
+    state: str
+    errored: str | None
+    hotkey: str
+    listen: str
+    engine: dict[str, Any]
+    served: int
+    refused: dict[str, int]
+    failed: dict[str, int]
+    queue_depth: int
+    in_flight: int
+    batch_sizes: dict[str, int]
+    batches_failed: int
+    latency_ms: dict[str, float]
+    decode_ms: dict[str, float]
+    engine_ms: dict[str, float]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def render_table(s: dict[str, Any]) -> str:
+    """Human-readable `svd status` output from a snapshot dict."""
+    engine = s["engine"]
+    rows = [
+        ("state", s["state"] + (f" (errored: {s['errored']})" if s["errored"] else "")),
+        ("pid / uptime", f"{s['pid']} / {_duration(s['uptime_s'])}"),
+        ("hotkey", s["hotkey"]),
+        ("listening", s["listen"]),
+        ("engine", f"{engine.get('name')} v{engine.get('version')} on {engine.get('backend')}"),
+        ("served", str(s["served"])),
+        ("refused", _counts(s["refused"])),
+        ("failed", _counts(s["failed"])),
+        ("queue / in flight", f"{s['queue_depth']} / {s['in_flight']}"),
+        ("batch sizes", _counts(s["batch_sizes"]) + f"  (failed batches: {s['batches_failed']})"),
+        ("latency ms", _timing(s["latency_ms"])),
+        ("decode ms", _timing(s["decode_ms"])),
+        ("engine ms/batch", _timing(s["engine_ms"])),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
+
+
+def _counts(c: dict[str, int]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sorted(c.items())) or "none"
+
+
+def _timing(t: dict[str, float]) -> str:
+    if not t.get("count"):
+        return "no samples"
+    return f"p50 {t['p50']}  p90 {t['p90']}  p99 {t['p99']}  max {t['max']}  (n={t['count']})"
+
+
+def _duration(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    d, h = divmod(h, 24)
+    return (f"{d}d " if d else "") + f"{h:02d}:{m:02d}:{s:02d}"

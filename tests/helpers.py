@@ -1,0 +1,95 @@
+"""Test helpers: caller keys, a config on tmp_path, a running daemon, a fake engine."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from bittensor_wallet import Keypair
+
+from svd.config import Config, config_from_dict
+from svd.daemon import Daemon
+
+# Callers of the tests: a validator with stake, one with less, and a stranger.
+VALIDATOR = Keypair.create_from_uri("//Alice")
+SMALL_VALIDATOR = Keypair.create_from_uri("//Bob")
+STRANGER = Keypair.create_from_uri("//Eve")
+
+
+def make_config(tmp_path: Path, engine: Path | None = None, **sections: dict[str, Any]) -> Config:
+    """A config on tmp_path: port 0, its own state dir, a copy of `engine` to serve."""
+    engines = tmp_path / "engines"
+    engines.mkdir(exist_ok=True)
+    if engine is not None and not (engines / engine.name).exists():
+        shutil.copytree(engine, engines / engine.name)
+    data: dict[str, Any] = {
+        "server": {"host": "127.0.0.1", "port": 0},
+        "auth": {
+            "allowlist": [
+                {"hotkey": VALIDATOR.ss58_address, "stake": 1000.0},
+                {"hotkey": SMALL_VALIDATOR.ss58_address, "stake": 10.0},
+            ]
+        },
+        "wallet": {"path": str(tmp_path / "no-wallets")},
+        "engine": {"build_demo_if_empty": False, "warmup_batch_sizes": [1]},
+        "daemon": {"shutdown_grace_s": 5.0, "log_format": "console"},
+    }
+    for name, values in sections.items():
+        data.setdefault(name, {}).update(values)
+    return config_from_dict(data, base_dir=tmp_path)
+
+
+@asynccontextmanager
+async def running_daemon(cfg: Config) -> AsyncIterator[Daemon]:
+    """Start a real Daemon in this loop; stop it as SIGTERM would on exit."""
+    daemon = Daemon(cfg, handle_signals=False)
+    task = asyncio.create_task(daemon.serve())
+    started = asyncio.create_task(daemon.started.wait())
+    await asyncio.wait([task, started], return_when=asyncio.FIRST_COMPLETED)
+    if task.done():
+        started.cancel()
+        task.result()  # raises the start-up error
+    try:
+        yield daemon
+    finally:
+        daemon.should_exit.set()
+        await asyncio.wait_for(task, 30)
+
+
+@dataclass
+class FakeOutput:
+    probs: np.ndarray
+    features: np.ndarray
+
+
+class FakeEngine:
+    """Engine stand-in for batcher tests: optional latency, NaN, a short answer or failure."""
+
+    def __init__(self, latency_s: float = 0.0, fail: bool = False, nan: bool = False, short: bool = False) -> None:
+        self.name = "fake"
+        self.short = short
+        self.latency_s = latency_s
+        self.fail = fail
+        self.nan = nan
+        self.batches: list[int] = []
+
+    def infer(self, images: np.ndarray) -> FakeOutput:
+        self.batches.append(len(images))
+        if self.latency_s:
+            time.sleep(self.latency_s)
+        if self.fail:
+            raise RuntimeError("fake engine failure")
+        # Each answer is the first pixel / 255, so a test can tell the requests apart.
+        probs = images[:, 0, 0, 0].astype(np.float32) / 255.0
+        if self.nan:
+            probs[-1] = np.nan
+        if self.short:
+            probs = probs[:-1]
+        return FakeOutput(probs, np.zeros((len(images), 4), dtype=np.float32))

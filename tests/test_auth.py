@@ -1,0 +1,134 @@
+import json
+import time
+
+import pytest
+from bittensor_wallet import Keypair
+
+from svd import protocol
+from svd.auth import Authenticator, NonceLedger
+from svd.errors import BadRequest, Forbidden, Unauthorized
+from tests.helpers import SMALL_VALIDATOR, STRANGER, VALIDATOR
+
+MINER = Keypair.create_from_uri("//Miner")
+NOW = 1_800_000_000 * 10**9
+
+
+def auth(clock: list[int] | None = None) -> Authenticator:
+    clock = clock or [NOW]
+    stakes = {VALIDATOR.ss58_address: 1000.0, SMALL_VALIDATOR.ss58_address: 10.0}
+    return Authenticator(MINER.ss58_address, stakes, max_age_s=16, future_s=4, clock_ns=lambda: clock[0])
+
+
+def headers(kp: Keypair = VALIDATOR, receiver: str = MINER.ss58_address, nonce: int = NOW, uuid: str = "u1") -> dict:
+    h, _ = protocol.dendrite_request(kp, receiver, "", nonce=nonce, uuid=uuid)
+    return h
+
+
+def test_valid_request_passes_with_its_stake() -> None:
+    caller = auth().check(protocol.parse_headers(headers()))
+    assert caller.hotkey == VALIDATOR.ss58_address
+    assert caller.stake == 1000.0
+
+
+@pytest.mark.parametrize(
+    ("change", "error", "reason"),
+    [
+        ({"bt_header_dendrite_signature": ""}, Unauthorized, "empty_signature"),
+        ({"bt_header_dendrite_signature": "0x" + "00" * 64}, Unauthorized, "bad_signature"),
+        ({"bt_header_dendrite_signature": "0xnothex"}, Unauthorized, "bad_signature"),
+        ({"bt_header_dendrite_signature": "0x1234"}, Unauthorized, "bad_signature"),
+        ({"bt_header_dendrite_uuid": "other"}, Unauthorized, "bad_signature"),  # uuid is signed
+        ({"bt_header_dendrite_nonce": str(NOW + 1)}, Unauthorized, "bad_signature"),  # so is the nonce
+    ],
+)
+def test_tampered_headers_are_refused(change: dict, error: type, reason: str) -> None:
+    h = headers() | change
+    with pytest.raises(error) as err:
+        auth().check(protocol.parse_headers(h))
+    assert err.value.reason == reason
+
+
+def test_signature_for_another_miner_is_refused() -> None:
+    other = Keypair.create_from_uri("//OtherMiner").ss58_address
+    with pytest.raises(Unauthorized) as err:
+        auth().check(protocol.parse_headers(headers(receiver=other)))
+    assert err.value.reason == "foreign_receiver"
+    # Rewriting the receiver header does not help: the signature covers our hotkey.
+    forged = headers(receiver=other) | {"bt_header_axon_hotkey": MINER.ss58_address}
+    with pytest.raises(Unauthorized, match="signature does not match"):
+        auth().check(protocol.parse_headers(forged))
+
+
+def test_stranger_is_forbidden_before_any_signature_work() -> None:
+    with pytest.raises(Forbidden):
+        auth().check(protocol.parse_headers(headers(STRANGER)))
+
+
+def test_replayed_nonce_is_refused_but_out_of_order_nonces_pass() -> None:
+    a = auth()
+    a.check(protocol.parse_headers(headers(nonce=NOW)))
+    a.check(protocol.parse_headers(headers(nonce=NOW - 5)))  # concurrent query arriving late
+    with pytest.raises(Unauthorized) as err:
+        a.check(protocol.parse_headers(headers(nonce=NOW)))
+    assert err.value.reason == "replayed_nonce"
+    a.check(protocol.parse_headers(headers(nonce=NOW, uuid="u2")))  # another dendrite instance
+
+
+@pytest.mark.parametrize("offset_s", [-17, 5, 3600])
+def test_nonce_outside_the_window_is_stale(offset_s: int) -> None:
+    with pytest.raises(Unauthorized) as err:
+        auth().check(protocol.parse_headers(headers(nonce=NOW + offset_s * 10**9)))
+    assert err.value.reason == "stale_nonce"
+
+
+def test_timeout_header_does_not_widen_the_window() -> None:
+    h = headers(nonce=NOW - 60 * 10**9) | {"timeout": "3600"}
+    with pytest.raises(Unauthorized, match="freshness window"):
+        auth().check(protocol.parse_headers(h))
+
+
+def test_ledger_forgets_old_nonces_and_stays_small() -> None:
+    ledger = NonceLedger(window_ns=10)
+    for t in range(1000):
+        assert ledger.record(("k", "u", t), now_ns=t)
+    assert len(ledger) <= 12
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"bt_header_dendrite_hotkey": ""},
+        {"bt_header_dendrite_nonce": "abc"},
+        {"bt_header_dendrite_nonce": "-5"},
+        {"bt_header_dendrite_nonce": "9" * 40},
+        {"timeout": "nan"},
+        {"timeout": "-1"},
+        {"timeout": "soon"},
+    ],
+)
+def test_malformed_headers_are_bad_requests(change: dict) -> None:
+    with pytest.raises(BadRequest):
+        protocol.parse_headers(headers() | change)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"", b"{", b"[]", b'"x"', b'{"image": 5}', b'{"image": "", "testnet_label": "1"}', b'{"testnet_label": 7}',
+     b'{"testnet_label": true}', b"\xff\xfe"],
+)
+def test_malformed_bodies_are_bad_requests(body: bytes) -> None:
+    with pytest.raises(BadRequest):
+        protocol.parse_body(body)
+
+
+def test_body_round_trip() -> None:
+    _, body = protocol.dendrite_request(VALIDATOR, MINER.ss58_address, "abcd", testnet_label=1)
+    query = protocol.parse_body(body)
+    assert (query.image, query.testnet_label) == ("abcd", 1)
+    answer = json.loads(protocol.success_body("ImageSynapse", 0.25, query, 9.0))
+    assert answer["prediction"] == 0.25 and answer["testnet_label"] == 1
+
+
+def test_dendrite_request_uses_the_current_time() -> None:
+    h, _ = protocol.dendrite_request(VALIDATOR, MINER.ss58_address, "")
+    assert abs(int(h["bt_header_dendrite_nonce"]) - time.time_ns()) < 10**9

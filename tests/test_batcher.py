@@ -1,0 +1,195 @@
+import asyncio
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from svd.batcher import Batcher, Item, collect_batch
+from svd.errors import EngineDead, EngineFailure, Overloaded, RequestTimeout, ShuttingDown
+from tests.helpers import FakeEngine
+
+FAR = 1e12  # a deadline nobody reaches
+
+
+def image(marker: int) -> np.ndarray:
+    a = np.zeros((224, 224, 3), dtype=np.uint8)
+    a[0, 0, 0] = marker
+    return a
+
+
+@pytest.fixture
+async def worker() -> AsyncIterator[ThreadPoolExecutor]:
+    pool = ThreadPoolExecutor(max_workers=1)
+    yield pool
+    pool.shutdown(wait=True)
+
+
+async def started(batcher: Batcher) -> asyncio.Task[None]:
+    task = asyncio.create_task(batcher.run())
+    await asyncio.sleep(0)
+    return task
+
+
+async def stop(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+async def test_idle_worker_takes_a_single_request_at_once(worker: ThreadPoolExecutor) -> None:
+    engine = FakeEngine()
+    b = Batcher(engine, worker, max_batch=16, max_queue=64)
+    task = await started(b)
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    pred = await b.submit(image(51), stake=1.0, deadline=FAR)
+    assert loop.time() - t0 < 0.05
+    assert pred.prob == pytest.approx(0.2) and pred.batch_size == 1 and pred.engine == "fake"
+    assert engine.batches == [1]
+    await stop(task)
+
+
+async def test_requests_pile_up_while_busy_and_form_the_next_batch(worker: ThreadPoolExecutor) -> None:
+    engine = FakeEngine(latency_s=0.05)
+    b = Batcher(engine, worker, max_batch=4, max_queue=64)
+    task = await started(b)
+    first = b.submit(image(1), 1.0, FAR)
+    await asyncio.sleep(0.01)  # the first batch is on the worker now
+    rest = [b.submit(image(i), 1.0, FAR) for i in range(2, 8)]
+    preds = await asyncio.gather(first, *rest)
+    assert engine.batches == [1, 4, 2]
+    assert [round(p.prob * 255) for p in preds] == list(range(1, 8))
+    assert b.stats.batch_sizes == {1: 1, 4: 1, 2: 1}
+    await stop(task)
+
+
+async def test_higher_stake_is_served_first(worker: ThreadPoolExecutor) -> None:
+    engine = FakeEngine(latency_s=0.03)
+    b = Batcher(engine, worker, max_batch=1, max_queue=64)
+    task = await started(b)
+    order: list[int] = []
+    busy = b.submit(image(0), 1.0, FAR)
+    await asyncio.sleep(0.01)
+    futures = [b.submit(image(m), stake, FAR) for m, stake in [(1, 1.0), (2, 500.0), (3, 10.0)]]
+    for f in futures:
+        f.add_done_callback(lambda f: order.append(round(f.result().prob * 255)))
+    await asyncio.gather(busy, *futures)
+    assert order == [2, 3, 1]
+    await stop(task)
+
+
+async def test_request_that_cannot_make_its_deadline_fails_before_the_engine(worker: ThreadPoolExecutor) -> None:
+    engine = FakeEngine(latency_s=0.05)
+    b = Batcher(engine, worker, max_batch=8, max_queue=64)
+    task = await started(b)
+    loop = asyncio.get_running_loop()
+    busy = b.submit(image(0), 1.0, FAR)
+    await asyncio.sleep(0.005)
+    doomed = b.submit(image(9), 1.0, deadline=loop.time() + 0.02)  # engine busy for ~45 ms more
+    with pytest.raises(RequestTimeout):
+        await doomed
+    await busy
+    assert engine.batches == [1]
+    await stop(task)
+
+
+async def test_full_queue_sheds_the_least_valuable(worker: ThreadPoolExecutor) -> None:
+    engine = FakeEngine(latency_s=0.05)
+    b = Batcher(engine, worker, max_batch=1, max_queue=2)
+    task = await started(b)
+    busy = b.submit(image(0), 1.0, FAR)
+    await asyncio.sleep(0.01)
+    low = b.submit(image(1), 1.0, FAR)
+    mid = b.submit(image(2), 5.0, FAR)
+    with pytest.raises(Overloaded):
+        b.submit(image(3), 0.5, FAR)  # less valuable than anything queued: refused
+    high = b.submit(image(4), 100.0, FAR)  # evicts the lowest stake
+    with pytest.raises(Overloaded):
+        await low
+    assert [round(p.prob * 255) for p in await asyncio.gather(busy, high, mid)] == [0, 4, 2]
+    assert b.depth == 0
+    await stop(task)
+
+
+@pytest.mark.parametrize(
+    ("engine", "reason"),
+    [(FakeEngine(nan=True), "bad_output"), (FakeEngine(short=True), "bad_output"), (FakeEngine(fail=True), "engine_error")],
+)
+async def test_engine_failure_fails_the_batch_and_serving_goes_on(
+    worker: ThreadPoolExecutor, engine: FakeEngine, reason: str
+) -> None:
+    b = Batcher(engine, worker, max_batch=4, max_queue=64)
+    task = await started(b)
+    futures = [b.submit(image(i), 1.0, FAR) for i in range(3)]
+    results = await asyncio.gather(*futures, return_exceptions=True)
+    assert all(isinstance(r, EngineFailure) and r.reason == reason for r in results)
+    assert b.stats.batches_failed == 1
+    engine.nan = engine.short = engine.fail = False
+    assert (await b.submit(image(255), 1.0, FAR)).prob == 1.0
+    await stop(task)
+
+
+async def test_wedged_engine_call_times_out_and_marks_errored(worker: ThreadPoolExecutor) -> None:
+    b = Batcher(FakeEngine(latency_s=0.3), worker, max_batch=4, max_queue=64, step_timeout_s=0.05)
+    task = await started(b)
+    with pytest.raises(EngineFailure, match="timed out"):
+        await b.submit(image(1), 1.0, FAR)
+    assert b.errored is not None and "exceeded" in b.errored
+    await stop(task)
+
+
+async def test_cancelled_request_is_skipped(worker: ThreadPoolExecutor) -> None:
+    engine = FakeEngine(latency_s=0.03)
+    b = Batcher(engine, worker, max_batch=8, max_queue=64)
+    task = await started(b)
+    busy = b.submit(image(0), 1.0, FAR)
+    await asyncio.sleep(0.005)
+    gone = b.submit(image(1), 1.0, FAR)
+    kept = b.submit(image(2), 1.0, FAR)
+    gone.cancel()
+    await asyncio.gather(busy, kept)
+    assert engine.batches == [1, 1]
+    await stop(task)
+
+
+async def test_close_refuses_new_work_but_serves_the_queue(worker: ThreadPoolExecutor) -> None:
+    b = Batcher(FakeEngine(latency_s=0.02), worker, max_batch=1, max_queue=64)
+    task = await started(b)
+    queued = [b.submit(image(i), 1.0, FAR) for i in range(3)]
+    b.close()
+    with pytest.raises(ShuttingDown):
+        b.submit(image(9), 1.0, FAR)
+    assert len(await asyncio.gather(*queued)) == 3
+    await stop(task)
+
+
+async def test_loop_death_fails_everything_pending(worker: ThreadPoolExecutor) -> None:
+    b = Batcher(FakeEngine(latency_s=0.05), worker, max_batch=1, max_queue=64)
+    task = await started(b)
+    busy = b.submit(image(0), 1.0, FAR)
+    await asyncio.sleep(0.01)
+    waiting = b.submit(image(1), 1.0, FAR)
+    await stop(task)
+    with pytest.raises(EngineDead):
+        await waiting
+    with pytest.raises(EngineDead):
+        b.submit(image(2), 1.0, FAR)
+    busy.cancel()
+
+
+def test_collect_batch_with_a_fake_clock() -> None:
+    loop = asyncio.new_event_loop()
+    try:
+        items = [
+            Item((-stake, deadline, i), image(i), deadline, loop.create_future())
+            for i, (stake, deadline) in enumerate([(1.0, 10.0), (9.0, 10.5), (5.0, 100.0), (5.0, 10.2)])
+        ]
+        items[2].future.cancel()
+        queue = sorted(items)
+        batch, expired = collect_batch(queue, max_batch=2, now=10.0, batch_s=0.3)
+        assert [it.sort_key[2] for it in batch] == [1]  # 9.0 first; stake-5 at 10.2 cannot finish by then
+        assert [it.sort_key[2] for it in expired] == [3, 0]
+        assert queue == []
+    finally:
+        loop.close()
