@@ -20,6 +20,7 @@ from typing import Protocol
 import numpy as np
 import structlog
 
+from svd.engine import EngineOutputError
 from svd.errors import EngineDead, EngineFailure, Overloaded, RequestTimeout, ShuttingDown, SvdError
 from svd.status import Stats
 
@@ -184,9 +185,9 @@ class Batcher:
             log.error("engine_step_timeout", timeout_s=self._step_timeout_s, batch=len(batch))
             self._fail_batch(batch, EngineFailure("engine timed out"))
             return
-        except EngineFailure as e:
-            log.error("engine_bad_output", error=e.message, batch=len(batch), engine=engine.name)
-            self._fail_batch(batch, e)
+        except (EngineFailure, EngineOutputError) as e:
+            log.error("engine_bad_output", error=str(e), batch=len(batch), engine=engine.name)
+            self._fail_batch(batch, EngineFailure("engine output is NaN or outside [0, 1]", reason="bad_output"))
             return
         except Exception:
             log.exception("engine_batch_failed", batch=len(batch), engine=engine.name)

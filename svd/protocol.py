@@ -21,8 +21,8 @@ EMPTY_BODY_HASH = hashlib.sha3_256(b"").hexdigest()
 DENDRITE = "bt_header_dendrite_"
 AXON = "bt_header_axon_"
 MAX_NONCE = 2**63 - 1
-# bittensor 9.12.2 as an int (major*100+minor*10+patch... see docs/wire-bt9.md)
-DENDRITE_VERSION = 9122
+# bittensor 9.12.2 as its dendrites send it (major*1e6 + minor*1e3 + patch).
+DENDRITE_VERSION = 9012002
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ def tiny_engine(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from svd.model import tiny_dinov3_config
 
     engines = tmp_path_factory.mktemp("engines")
-    config = tiny_dinov3_config(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128)
+    config = tiny_dinov3_config(hidden_size=64, num_layers=2, num_heads=2)
     return build_demo_engine(engines, name="tiny", config=config)
 
 
