@@ -31,8 +31,11 @@ EWMA_ALPHA = 0.2
 
 
 class EngineResult(Protocol):
-    probs: np.ndarray
-    features: np.ndarray
+    @property
+    def probs(self) -> np.ndarray: ...
+
+    @property
+    def features(self) -> np.ndarray: ...
 
 
 class InferEngine(Protocol):

@@ -54,7 +54,11 @@ def make_jpegs(n: int, seed: int = 0) -> list[bytes]:
         draw.rectangle((0, 140, 224, 224), fill=tuple(int(c) for c in rng.integers(40, 90, 3)))  # road
         for _ in range(int(rng.integers(3, 9))):
             x, y = (int(v) for v in rng.integers(0, 200, 2))
-            colour = (255, int(rng.integers(80, 160)), 0) if rng.random() < 0.5 else tuple(int(c) for c in rng.integers(0, 255, 3))
+            colour = (
+                (255, int(rng.integers(80, 160)), 0)
+                if rng.random() < 0.5
+                else tuple(int(c) for c in rng.integers(0, 255, 3))
+            )
             draw.polygon([(x, y + 30), (x + 12, y), (x + 24, y + 30)], fill=colour)  # cones and clutter
         noise = rng.normal(0, 8, (224, 224, 3))
         arr = np.clip(np.asarray(im, dtype=np.float64) + noise, 0, 255).astype(np.uint8)
@@ -120,7 +124,7 @@ class LoadClient:
             async with session.post(self.url, data=body, headers=headers) as resp:
                 payload = await resp.read()
                 status = resp.status
-        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+        except (TimeoutError, aiohttp.ClientError) as e:
             if result is not None:
                 result.sent += 1
                 result.errors[type(e).__name__] += 1

@@ -47,9 +47,17 @@ class ServerConfig:
         _check(self.max_header_bytes >= 1024, "server.max_header_bytes", "an integer >= 1024", self.max_header_bytes)
         _check(self.timeout_cap_s > 0, "server.timeout_cap_s", "a number > 0", self.timeout_cap_s)
         _check(
-            0 < self.default_timeout_s <= self.timeout_cap_s, "server.default_timeout_s", "a number > 0 and <= server.timeout_cap_s", self.default_timeout_s)
+            0 < self.default_timeout_s <= self.timeout_cap_s,
+            "server.default_timeout_s",
+            "a number > 0 and <= server.timeout_cap_s",
+            self.default_timeout_s,
+        )
         _check(
-            0 <= self.response_margin_s < self.default_timeout_s, "server.response_margin_s", "a number >= 0 and < server.default_timeout_s", self.response_margin_s)
+            0 <= self.response_margin_s < self.default_timeout_s,
+            "server.response_margin_s",
+            "a number >= 0 and < server.default_timeout_s",
+            self.response_margin_s,
+        )
 
 
 @dataclass(frozen=True)
@@ -103,7 +111,11 @@ class EngineConfig:
         _check(self.backend in backends, "engine.backend", f"one of {', '.join(backends)}", self.backend)
         _check(0 <= self.threads <= 256, "engine.threads", "an integer 0..256 (0: runtime default)", self.threads)
         _check(
-            all(1 <= b <= 1024 for b in self.warmup_batch_sizes), "engine.warmup_batch_sizes", "a list of integers 1..1024", self.warmup_batch_sizes)
+            all(1 <= b <= 1024 for b in self.warmup_batch_sizes),
+            "engine.warmup_batch_sizes",
+            "a list of integers 1..1024",
+            self.warmup_batch_sizes,
+        )
 
 
 @dataclass(frozen=True)
@@ -134,7 +146,11 @@ class DecodeConfig:
         _check(self.max_image_bytes >= 1024, "decode.max_image_bytes", "an integer >= 1024", self.max_image_bytes)
         _check(self.max_pixels >= 224 * 224, "decode.max_pixels", "an integer >= 50176 (224*224)", self.max_pixels)
         _check(
-            bool(self.formats) and all(f in IMAGE_FORMATS for f in self.formats), "decode.formats", f"a non-empty list drawn from {list(IMAGE_FORMATS)}", self.formats)
+            bool(self.formats) and all(f in IMAGE_FORMATS for f in self.formats),
+            "decode.formats",
+            f"a non-empty list drawn from {list(IMAGE_FORMATS)}",
+            self.formats,
+        )
 
 
 @dataclass(frozen=True)
@@ -245,7 +261,7 @@ def _convert(hint: Any, value: Any, key: str) -> Any:
         raise AssertionError(f"unsupported config type at {key}")  # keep the schema simple
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if hint is int and isinstance(value, bool) or not isinstance(value, hint):
+    if (hint is int and isinstance(value, bool)) or not isinstance(value, hint):
         raise ConfigError(f"{key}: expected {_TYPE_WORDS[hint]}, got {_kind(value)}")
     return value
 

@@ -58,7 +58,7 @@ class Daemon:
         self.stats = Stats()
         self.state = "starting"
         self.errored: str | None = None
-        self.port: int | None = None
+        self.port = 0  # the bound port, known once listening (config may say 0)
         self.started = asyncio.Event()
         self.should_exit = asyncio.Event()
         self.force_exit = asyncio.Event()
@@ -118,17 +118,16 @@ class Daemon:
     async def shutdown(self) -> None:
         self.state = "stopping"
         self.notifier.stopping()
-        if self.frontend is not None:
-            self.frontend.accepting = False
-        if self.batcher is not None:
-            self.batcher.close(ShuttingDown("miner is shutting down"))
         if self._runner is not None:
-            # Stops listening, then waits for in-flight handlers up to the grace period.
+            # Stops listening and closes idle keep-alive connections, then waits
+            # up to the grace period for requests already received: those are served.
             drain = asyncio.ensure_future(self._runner.cleanup())
             await asyncio.wait([drain, asyncio.ensure_future(self.force_exit.wait())], return_when="FIRST_COMPLETED")
             if not drain.done():
                 log.warning("forced_exit", in_flight=self.batcher.in_flight if self.batcher else 0)
                 drain.cancel()
+        if self.batcher is not None:
+            self.batcher.close(ShuttingDown("miner is shutting down"))
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -194,7 +193,6 @@ class Daemon:
         path = self._engine_path()
         engine = load_engine(path, backend=cfg.engine.backend, threads=cfg.engine.threads)
         engine.warmup(cfg.engine.warmup_batch_sizes)
-        log.info("engine_loaded", name=engine.name, version=engine.version, backend=engine.backend_name)
         return engine
 
     def _engine_path(self) -> Path:

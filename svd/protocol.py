@@ -143,8 +143,15 @@ def response_headers(
 
 
 def dendrite_request(
-    keypair: Any, axon_hotkey: str, image_b64: str, *, timeout: float = 9.0, name: str = "ImageSynapse",
-    nonce: int | None = None, uuid: str = "svd-bench", testnet_label: int = -1,
+    keypair: Any,
+    axon_hotkey: str,
+    image_b64: str,
+    *,
+    timeout: float = 9.0,
+    name: str = "ImageSynapse",
+    nonce: int | None = None,
+    uuid: str = "svd-bench",
+    testnet_label: int = -1,
 ) -> tuple[dict[str, str], bytes]:
     """Headers and body of a signed query as a 9.x dendrite sends it (bench and tests)."""
     nonce = time.time_ns() if nonce is None else nonce
@@ -161,5 +168,7 @@ def dendrite_request(
         "computed_body_hash": EMPTY_BODY_HASH,
         "Content-Type": "application/json",
     }
-    body = json.dumps({"name": name, "timeout": timeout, "image": image_b64, "prediction": -1.0, "testnet_label": testnet_label})
+    body = json.dumps(
+        {"name": name, "timeout": timeout, "image": image_b64, "prediction": -1.0, "testnet_label": testnet_label}
+    )
     return headers, body.encode()

@@ -20,7 +20,7 @@ from svd.auth import Authenticator
 from svd.batcher import Batcher, Prediction
 from svd.config import ServerConfig
 from svd.decode import DecodeLimits, decode_image
-from svd.errors import BadRequest, PayloadTooLarge, RequestTimeout, ShuttingDown, SvdError
+from svd.errors import BadRequest, PayloadTooLarge, RequestTimeout, SvdError
 from svd.status import Stats
 
 log = structlog.get_logger(__name__)
@@ -38,7 +38,6 @@ class Frontend:
     decoder: Executor
     limits: DecodeLimits
     stats: Stats
-    accepting: bool = True
 
     def make_app(self) -> web.Application:
         # Body size is enforced by aiohttp while reading (413), before JSON parsing.
@@ -53,8 +52,6 @@ class Frontend:
         caller = None
         timeout = self.cfg.default_timeout_s
         try:
-            if not self.accepting:
-                raise ShuttingDown("miner is shutting down")
             caller = protocol.parse_headers(request.headers)
             identity = self.auth.check(caller)
             if caller.timeout is not None:
@@ -100,7 +97,13 @@ class Frontend:
         )
 
     def _headers(
-        self, name: str, timeout: float, status: int, message: str, elapsed: float, caller: protocol.CallerHeaders | None
+        self,
+        name: str,
+        timeout: float,
+        status: int,
+        message: str,
+        elapsed: float,
+        caller: protocol.CallerHeaders | None,
     ) -> dict[str, str]:
         return protocol.response_headers(
             name=name,

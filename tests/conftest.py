@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import base64
+import os
+import shutil
+import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,7 +15,7 @@ import pytest
 
 from svd.bench import make_jpegs
 from svd.config import Config
-from tests.helpers import FakeEngine, make_config
+from tests.helpers import DaemonProcess, FakeEngine, free_port, load_hotkey_from_status, make_config, write_config
 
 
 @pytest.fixture(scope="session")
@@ -42,3 +47,32 @@ def config(tmp_path: Path, tiny_engine: Path) -> Config:
 @pytest.fixture
 def fake_engine() -> Iterator[FakeEngine]:
     yield FakeEngine()
+
+
+@pytest.fixture
+def daemon(tmp_path: Path, tiny_engine: Path, request: pytest.FixtureRequest) -> Iterator[DaemonProcess]:
+    shutil.copytree(tiny_engine, tmp_path / "engines" / tiny_engine.name)
+    port = free_port()
+    config = write_config(tmp_path, port, getattr(request, "param", ""))
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify.sock"))
+    env = dict(os.environ, NOTIFY_SOCKET=str(tmp_path / "notify.sock"), WATCHDOG_USEC="400000")
+    log = open(tmp_path / "daemon.log", "w")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "svd", "--config", str(config), "run"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        text=True,
+    )
+    try:
+        first = DaemonProcess(proc, config, port, "", notify).messages(timeout=60)
+        assert "READY=1" in first, (tmp_path / "daemon.log").read_text()
+        hotkey = load_hotkey_from_status(config)
+        yield DaemonProcess(proc, config, port, hotkey, notify)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(30)
+        log.close()
+        notify.close()

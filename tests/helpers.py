@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import socket
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -14,7 +17,7 @@ from typing import Any
 import numpy as np
 from bittensor_wallet import Keypair
 
-from svd.config import Config, config_from_dict
+from svd.config import Config, config_from_dict, load_config
 from svd.daemon import Daemon
 
 # Callers of the tests: a validator with stake, one with less, and a stranger.
@@ -93,3 +96,65 @@ class FakeEngine:
         if self.short:
             probs = probs[:-1]
         return FakeOutput(probs, np.zeros((len(images), 4), dtype=np.float32))
+
+
+@dataclass
+class DaemonProcess:
+    proc: subprocess.Popen[str]
+    config: Path
+    port: int
+    hotkey: str
+    notify: socket.socket
+
+    def messages(self, timeout: float = 0.0) -> list[str]:
+        """sd_notify datagrams received so far (waiting up to `timeout` for the first)."""
+        out = []
+        self.notify.settimeout(timeout or 0.001)
+        try:
+            while True:
+                out.append(self.notify.recv(4096).decode())
+                self.notify.settimeout(0.001)
+        except (TimeoutError, BlockingIOError):
+            return out
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        cmd = [sys.executable, "-m", "svd", "--config", str(self.config), *args]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=False)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def write_config(tmp_path: Path, port: int, extra: str = "") -> Path:
+    path = tmp_path / "svd.toml"
+    path.write_text(
+        f"""
+[server]
+host = "127.0.0.1"
+port = {port}
+[[auth.allowlist]]
+hotkey = "{VALIDATOR.ss58_address}"
+stake = 100.0
+[[auth.allowlist]]
+hotkey = "{SMALL_VALIDATOR.ss58_address}"
+stake = 1.0
+[wallet]
+path = "{tmp_path / "no-wallets"}"
+[engine]
+build_demo_if_empty = false
+warmup_batch_sizes = [1]
+[daemon]
+log_format = "json"
+{extra}
+"""
+    )
+    return path
+
+
+def load_hotkey_from_status(config: Path) -> str:
+    from svd.control import call
+
+    return str(call(load_config(config).socket_path, "status")["hotkey"])

@@ -114,7 +114,11 @@ async def test_full_queue_sheds_the_least_valuable(worker: ThreadPoolExecutor) -
 
 @pytest.mark.parametrize(
     ("engine", "reason"),
-    [(FakeEngine(nan=True), "bad_output"), (FakeEngine(short=True), "bad_output"), (FakeEngine(fail=True), "engine_error")],
+    [
+        (FakeEngine(nan=True), "bad_output"),
+        (FakeEngine(short=True), "bad_output"),
+        (FakeEngine(fail=True), "engine_error"),
+    ],
 )
 async def test_engine_failure_fails_the_batch_and_serving_goes_on(
     worker: ThreadPoolExecutor, engine: FakeEngine, reason: str

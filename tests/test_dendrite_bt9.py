@@ -35,7 +35,7 @@ async def client(python: Path, port: int, hotkey: str, images: Path, *args: str)
 @pytest.mark.parametrize("route", ["ImageSynapse", "ExtendedImageSynapse"])
 async def test_real_dendrite_gets_predictions(bt9_python: Path, config: Config, image_dir: Path, route: str) -> None:
     async with running_daemon(config) as d:
-        rows = await client(bt9_python, d.port or 0, d.snapshot().hotkey, image_dir, "--route", route)
+        rows = await client(bt9_python, d.port, d.snapshot().hotkey, image_dir, "--route", route)
         assert len(rows) == 6
         for row in rows:
             assert row["status_code"] == 200, row
@@ -59,7 +59,7 @@ async def test_real_dendrite_forgeries_are_refused(
     bt9_python: Path, config: Config, image_dir: Path, tamper: str, reason: str
 ) -> None:
     async with running_daemon(config) as d:
-        rows = await client(bt9_python, d.port or 0, d.snapshot().hotkey, image_dir, "--tamper", tamper)
+        rows = await client(bt9_python, d.port, d.snapshot().hotkey, image_dir, "--tamper", tamper)
         assert [r["status_code"] for r in rows] == [401] * 6
         assert all(r["prediction"] == -1.0 and r["is_success"] is False for r in rows)
         snap = d.snapshot()
@@ -69,6 +69,6 @@ async def test_real_dendrite_forgeries_are_refused(
 @pytest.mark.slow
 async def test_real_dendrite_replay_is_refused(bt9_python: Path, config: Config, image_dir: Path) -> None:
     async with running_daemon(config) as d:
-        rows = await client(bt9_python, d.port or 0, d.snapshot().hotkey, image_dir, "--tamper", "replay")
+        rows = await client(bt9_python, d.port, d.snapshot().hotkey, image_dir, "--tamper", "replay")
         assert [(r["attempt"], r["status_code"]) for r in rows] == [(1, 200), (2, 401)] * 6
         assert d.snapshot().refused == {"replayed_nonce": 6}

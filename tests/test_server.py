@@ -19,7 +19,10 @@ async def query(
     port: int, miner: str, image: str, kp: Keypair = VALIDATOR, route: str = "ImageSynapse", **kw: object
 ) -> tuple[int, dict, dict]:
     headers, body = protocol.dendrite_request(kp, miner, image, name=route, **kw)  # type: ignore[arg-type]
-    async with aiohttp.ClientSession() as s, s.post(f"http://127.0.0.1:{port}/{route}", data=body, headers=headers) as r:
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(f"http://127.0.0.1:{port}/{route}", data=body, headers=headers) as r,
+    ):
         return r.status, json.loads(await r.read()), dict(r.headers)
 
 
@@ -110,7 +113,7 @@ async def test_nan_engine_is_refused_at_start_up(tmp_path: Path) -> None:
 async def test_deadline_shorter_than_the_work_gets_408(config: Config, jpegs_b64: list[str]) -> None:
     async with running_daemon(config) as d:
         miner = d.snapshot().hotkey
-        status, body, _ = await query(d.port, miner, jpegs_b64[0], timeout=0.2)  # margin 0.25 s: no time left
+        status, _body, _ = await query(d.port, miner, jpegs_b64[0], timeout=0.2)  # margin 0.25 s: no time left
         assert status == 408
         assert d.snapshot().failed == {"deadline": 1}
 
@@ -122,5 +125,8 @@ async def test_oversized_body_is_413_and_empty_body_400(config: Config) -> None:
         status, _, _ = await query(d.port, miner, base64.b64encode(b"x" * 8000).decode())
         assert status == 413
         headers, _ = protocol.dendrite_request(VALIDATOR, miner, "")
-        async with aiohttp.ClientSession() as s, s.post(f"http://127.0.0.1:{d.port}/ImageSynapse", headers=headers) as r:
+        async with (
+            aiohttp.ClientSession() as s,
+            s.post(f"http://127.0.0.1:{d.port}/ImageSynapse", headers=headers) as r,
+        ):
             assert r.status == 400
