@@ -118,6 +118,7 @@ class Daemon:
     async def shutdown(self) -> None:
         self.state = "stopping"
         self.notifier.stopping()
+        log.info("stopping", in_flight=self.batcher.in_flight if self.batcher else 0)
         if self._runner is not None:
             # Stops listening and closes idle keep-alive connections, then waits
             # up to the grace period for requests already received: those are served.
@@ -131,6 +132,11 @@ class Daemon:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.handle_signals:
+            # A signal after this point gets the default action: exit at once.
+            loop = asyncio.get_running_loop()
+            for sig in HANDLED_SIGNALS:
+                loop.remove_signal_handler(sig)
         if self._control is not None:
             await self._control.close()
         if self.engine is not None:

@@ -13,7 +13,8 @@ import aiohttp
 import pytest
 
 from svd import protocol
-from svd.config import load_config
+from svd.config import Config, load_config
+from svd.daemon import Daemon
 from tests.helpers import VALIDATOR, DaemonProcess, free_port, write_config
 
 
@@ -85,3 +86,16 @@ def test_missing_engine_stops_start_up_with_a_clear_message(tmp_path: Path) -> N
     )
     assert result.returncode == 1
     assert "svd build-engine --demo" in result.stdout
+
+
+async def test_signal_stops_the_daemon_and_a_second_one_forces(config: Config) -> None:
+    daemon = Daemon(config, handle_signals=True)
+    task = asyncio.create_task(daemon.serve())
+    await asyncio.wait_for(daemon.started.wait(), 60)
+    # Both land before the loop runs their handlers: the first asks, the second forces.
+    signal.raise_signal(signal.SIGTERM)
+    signal.raise_signal(signal.SIGINT)
+    await asyncio.wait_for(task, 30)
+    assert daemon.force_exit.is_set()
+    assert daemon.errored is None
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
