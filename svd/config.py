@@ -40,6 +40,8 @@ class ServerConfig:
     default_timeout_s: float = 9.0
     # Answer this long before the caller gives up, to leave time for the trip back.
     response_margin_s: float = 0.25
+    # Returned in ExtendedImageSynapse answers: the miner's published model (hub URL).
+    model_url: str = ""
 
     def validate(self) -> None:
         _check(0 <= self.port <= 65535, "server.port", "an integer 0..65535", self.port)

@@ -98,7 +98,7 @@ def parse_body(raw: bytes) -> ImageQuery:
     return ImageQuery(image=image, testnet_label=label)
 
 
-def success_body(name: str, prediction: float, query: ImageQuery, timeout: float) -> bytes:
+def success_body(name: str, prediction: float, query: ImageQuery, timeout: float, model_url: str = "") -> bytes:
     # The image is not echoed: the dendrite keeps its own copy, and it is most of the bytes.
     fields: dict[str, Any] = {
         "name": name,
@@ -108,7 +108,7 @@ def success_body(name: str, prediction: float, query: ImageQuery, timeout: float
         "testnet_label": query.testnet_label,
     }
     if name == "ExtendedImageSynapse":
-        fields["model_url"] = ""
+        fields["model_url"] = model_url
     return json.dumps(fields).encode()
 
 

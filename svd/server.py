@@ -68,7 +68,7 @@ class Frontend:
         self.stats.latency.add(elapsed)
         log.debug("answered", caller=identity.hotkey, prob=prediction.prob, ms=round(elapsed * 1000, 2))
         return web.Response(
-            body=protocol.success_body(name, prediction.prob, query, timeout),
+            body=protocol.success_body(name, prediction.prob, query, timeout, self.cfg.model_url),
             content_type="application/json",
             headers=self._headers(name, timeout, 200, "Success", elapsed, caller),
         )

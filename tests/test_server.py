@@ -46,11 +46,16 @@ async def test_signed_queries_get_probabilities(config: Config, jpegs_b64: list[
 
 
 async def test_extended_route_and_testnet_label_round_trip(config: Config, jpegs_b64: list[str]) -> None:
+    config = make_config(config.base_dir, server={"model_url": "https://huggingface.co/me/roadwork"})
     async with running_daemon(config) as d:
         miner = d.snapshot().hotkey
         status, body, _ = await query(d.port, miner, jpegs_b64[1], route="ExtendedImageSynapse", testnet_label=1)
         assert status == 200
-        assert body["testnet_label"] == 1 and body["model_url"] == "" and 0 <= body["prediction"] <= 1
+        assert (
+            body["testnet_label"] == 1
+            and body["model_url"] == "https://huggingface.co/me/roadwork"
+            and 0 <= body["prediction"] <= 1
+        )
 
 
 async def test_refusals_carry_the_dendrite_status_codes(config: Config, jpegs_b64: list[str]) -> None:
