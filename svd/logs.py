@@ -33,3 +33,6 @@ def setup_logging(level: str = "info", fmt: str = "auto") -> None:
         logger_factory=structlog.PrintLoggerFactory(sys.stdout),
         cache_logger_on_first_use=False,
     )
+    # aiohttp logs a traceback for every unparsable request a client sends; a
+    # flood of garbage would flood the journal. Our handler logs its own errors.
+    logging.getLogger("aiohttp.server").setLevel(logging.CRITICAL)

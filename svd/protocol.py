@@ -85,7 +85,7 @@ def parse_body(raw: bytes) -> ImageQuery:
         raise BadRequest("empty body: expected the synapse fields as JSON")
     try:
         data = json.loads(raw)
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):  # deep nesting exhausts the stack
         raise BadRequest("body is not valid JSON") from None
     if not isinstance(data, dict):
         raise BadRequest("body must be a JSON object of synapse fields")

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 import structlog
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 
 from svd import protocol
 from svd.auth import Authenticator
@@ -63,6 +65,9 @@ class Frontend:
             prediction = await _await_until(future, deadline)
         except SvdError as e:
             return self._error(e, name, timeout, caller, start)
+        except Exception:  # a bug, not the caller's doing: one traceback, and still a proper answer
+            log.exception("handler_failed", route=name)
+            return self._error(SvdError("internal error"), name, timeout, caller, start)
         elapsed = time.monotonic() - start
         self.stats.served += 1
         self.stats.latency.add(elapsed)
@@ -121,7 +126,8 @@ async def _read_body(request: web.Request) -> bytes:
         return await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise PayloadTooLarge("request body is too large") from None
-    except (ConnectionError, asyncio.IncompleteReadError, ValueError) as e:
+    except (ConnectionError, asyncio.IncompleteReadError, ValueError, HttpProcessingError, RequestPayloadError) as e:
+        # The parser's errors: e.g. a Content-Encoding that does not decode.
         raise BadRequest(f"cannot read request body: {type(e).__name__}") from None
 
 

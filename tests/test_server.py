@@ -135,3 +135,16 @@ async def test_oversized_body_is_413_and_empty_body_400(config: Config) -> None:
             s.post(f"http://127.0.0.1:{d.port}/ImageSynapse", headers=headers) as r,
         ):
             assert r.status == 400
+
+
+async def test_bodies_the_parser_chokes_on_are_400_not_500(config: Config) -> None:
+    async with running_daemon(config) as d, aiohttp.ClientSession() as s:
+        miner = d.snapshot().hotkey
+        url = f"http://127.0.0.1:{d.port}/ImageSynapse"
+        headers, _ = protocol.dendrite_request(VALIDATOR, miner, "")
+        async with s.post(url, data=b"[" * 100_000, headers=headers) as r:  # nesting deeper than the stack
+            assert r.status == 400
+        headers, body = protocol.dendrite_request(VALIDATOR, miner, "")
+        async with s.post(url, data=body, headers=headers | {"Content-Encoding": "gzip"}) as r:  # not gzip
+            assert r.status == 400
+        assert d.snapshot().failed == {}
