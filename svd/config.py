@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import ipaddress
 import tomllib
 import types
 import typing
@@ -66,25 +67,68 @@ class ServerConfig:
 class AllowedCaller:
     hotkey: str
     stake: float = 0.0
+    # Queries per second for this caller; -1: auth.rate_per_s, 0: no limit.
+    rate_per_s: float = -1.0
 
 
 @dataclass(frozen=True)
 class AuthConfig:
+    # offline: the allowlist below stands in for the chain; online: the subnet's metagraph.
     mode: str = "offline"
+    require_registered: bool = True
+    require_validator_permit: bool = True
+    min_stake: float = 0.0
+    # Per-hotkey token bucket, charged after the signature verified; 0 disables.
+    rate_per_s: float = 5.0
+    rate_burst: float = 20.0
     # A nonce older than this (or further in the future than nonce_future_s)
-    # is refused, whatever the unsigned `timeout` header claims.
+    # is refused, whatever the unsigned `timeout` header says.
     nonce_max_age_s: float = 16.0
     nonce_future_s: float = 4.0
-    allowlist: tuple[AllowedCaller, ...] = (AllowedCaller(hotkey=DEV_HOTKEY, stake=1.0),)
+    allowlist: tuple[AllowedCaller, ...] = (AllowedCaller(hotkey=DEV_HOTKEY, stake=1.0, rate_per_s=0.0),)
 
     def validate(self) -> None:
-        _check(self.mode == "offline", "auth.mode", '"offline" (online mode is not built yet)', self.mode)
+        _check(self.mode in ("offline", "online"), "auth.mode", '"offline" or "online"', self.mode)
+        _check(self.min_stake >= 0, "auth.min_stake", "a number >= 0", self.min_stake)
+        _check(self.rate_per_s >= 0, "auth.rate_per_s", "a number >= 0 (0: no limit)", self.rate_per_s)
+        _check(self.rate_burst >= 1, "auth.rate_burst", "a number >= 1", self.rate_burst)
         _check(0 < self.nonce_max_age_s <= 120, "auth.nonce_max_age_s", "a number in (0, 120]", self.nonce_max_age_s)
         _check(0 <= self.nonce_future_s <= 60, "auth.nonce_future_s", "a number in [0, 60]", self.nonce_future_s)
         for i, caller in enumerate(self.allowlist):
             key = f"auth.allowlist[{i}]"
             _check(_looks_ss58(caller.hotkey), f"{key}.hotkey", "an ss58 address (48 characters)", caller.hotkey)
             _check(caller.stake >= 0, f"{key}.stake", "a number >= 0", caller.stake)
+            _check(
+                caller.rate_per_s >= -1,
+                f"{key}.rate_per_s",
+                "-1 (auth.rate_per_s), 0 (no limit) or more",
+                caller.rate_per_s,
+            )
+
+
+@dataclass(frozen=True)
+class ChainConfig:
+    # finney (mainnet), test, local, or a ws:// / wss:// endpoint.
+    network: str = "finney"
+    netuid: int = 72
+    sync_interval_s: float = 300.0
+    timeout_s: float = 60.0
+    # Published with ServeAxon when the chain holds another address; empty ip: never publish.
+    advertise_ip: str = ""
+    advertise_port: int = 0  # 0: server.port
+
+    def validate(self) -> None:
+        _check(
+            self.network in ("finney", "test", "local") or self.network.startswith(("ws://", "wss://")),
+            "chain.network",
+            "finney, test, local, or a ws:// or wss:// URL",
+            self.network,
+        )
+        _check(0 <= self.netuid <= 65535, "chain.netuid", "an integer 0..65535", self.netuid)
+        _check(self.sync_interval_s >= 12, "chain.sync_interval_s", "a number >= 12 (one block)", self.sync_interval_s)
+        _check(self.timeout_s > 0, "chain.timeout_s", "a number > 0", self.timeout_s)
+        _check(_is_ip(self.advertise_ip), "chain.advertise_ip", "an IPv4 or IPv6 address, or empty", self.advertise_ip)
+        _check(0 <= self.advertise_port <= 65535, "chain.advertise_port", "an integer 0..65535", self.advertise_port)
 
 
 @dataclass(frozen=True)
@@ -175,6 +219,7 @@ class DaemonConfig:
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
+    chain: ChainConfig = field(default_factory=ChainConfig)
     wallet: WalletConfig = field(default_factory=WalletConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     batcher: BatcherConfig = field(default_factory=BatcherConfig)
@@ -281,6 +326,16 @@ def _check(ok: bool, key: str, expected: str, value: Any = None) -> None:
     if not ok:
         got = "" if value is None else f", got {value!r}"
         raise ConfigError(f"{key}: expected {expected}{got}")
+
+
+def _is_ip(text: str) -> bool:
+    if not text:
+        return True
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _looks_ss58(address: str) -> bool:

@@ -8,10 +8,11 @@ socket -> listener -> READY=1. Shutdown undoes it in reverse, bounded.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import signal
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -21,8 +22,9 @@ import uvloop
 from aiohttp import web
 
 from svd import __version__
-from svd.auth import Authenticator
+from svd.auth import Authenticator, TrustRules
 from svd.batcher import Batcher
+from svd.chain import Bittensor11Source, ChainSnapshot, ChainSource, ChainSync, OfflineSource
 from svd.config import Config
 from svd.control import ControlServer
 from svd.decode import DecodeLimits
@@ -49,10 +51,19 @@ class Daemon:
         cfg: validated configuration.
         handle_signals: install SIGTERM/SIGINT handlers (off when embedded in tests).
         notifier: sd_notify sender; defaults to $NOTIFY_SOCKET.
+        chain_source: the chain in online mode; defaults to bittensor 11 (tests pass a fake).
     """
 
-    def __init__(self, cfg: Config, *, handle_signals: bool = True, notifier: Notifier | None = None) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        *,
+        handle_signals: bool = True,
+        notifier: Notifier | None = None,
+        chain_source: ChainSource | None = None,
+    ) -> None:
         self.cfg = cfg
+        self._chain_source = chain_source
         self.handle_signals = handle_signals
         self.notifier = notifier or Notifier()
         self.stats = Stats()
@@ -72,6 +83,8 @@ class Daemon:
         self._control: ControlServer | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._hotkey = ""
+        self.chain: ChainSync | None = None
+        self._roster: Callable[[], ChainSnapshot | None] = lambda: None
 
     def run(self) -> int:
         """Serve until a signal; the process exit code (non-zero when errored)."""
@@ -92,6 +105,7 @@ class Daemon:
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
         hotkey = load_hotkey(cfg.wallet, cfg.state_dir, offline=cfg.auth.mode == "offline")
         self._hotkey = hotkey.ss58_address
+        await self._start_chain(hotkey)
         self.engine = await self._in_worker(self._load_engine)
         self.batcher = Batcher(
             self.engine,
@@ -180,6 +194,7 @@ class Daemon:
             errored=errored,
             hotkey=self._hotkey,
             listen=f"{self.cfg.server.host}:{self.port}",
+            chain=self._chain_status(),
             engine={"name": e.name, "version": e.version, "backend": e.backend_name, "path": str(e.path)} if e else {},
             served=s.served,
             refused=dict(s.refused),
@@ -192,6 +207,23 @@ class Daemon:
             decode_ms=s.decode_time.summary_ms(),
             engine_ms=s.engine_time.summary_ms(),
         )
+
+    def _chain_status(self) -> dict[str, Any]:
+        cfg = self.cfg.chain
+        if self.chain is None:
+            return {"mode": "offline", "callers": len(self.cfg.auth.allowlist)}
+        snap, own = self.chain.snapshot, self.chain.own()
+        return {
+            "mode": "online",
+            "network": cfg.network,
+            "netuid": cfg.netuid,
+            "block": snap.block if snap else None,
+            "age_s": round(self.chain.age_s or 0.0, 1),
+            "neurons": len(snap.neurons) if snap else 0,
+            "failures": self.chain.failures,
+            "last_error": self.chain.last_error,
+            "own": dataclasses.asdict(own) if own else None,
+        }
 
     def _load_engine(self) -> Engine:
         """Runs on the worker thread: find or build the engine, load it, warm it up."""
@@ -218,17 +250,37 @@ class Daemon:
         log.info("building_demo_engine", dir=str(engines))
         return build_demo_engine(engines)
 
+    async def _start_chain(self, keypair: Any) -> None:
+        """Online: the metagraph, refreshed in the background. Offline: the allowlist as a fixed roster."""
+        cfg = self.cfg
+        if cfg.auth.mode == "offline":
+            stakes = {c.hotkey: c.stake for c in cfg.auth.allowlist}
+            roster = OfflineSource(stakes).fetch(cfg.chain.netuid)
+            self._roster = lambda: roster
+            return
+        port = cfg.chain.advertise_port or cfg.server.port
+        self.chain = ChainSync(
+            self._chain_source or Bittensor11Source(cfg.chain.network, cfg.chain.timeout_s),
+            cfg.chain.netuid,
+            cfg.state_dir,
+            cfg.chain.sync_interval_s,
+            own_hotkey=keypair.ss58_address,
+            advertise=f"{cfg.chain.advertise_ip}:{port}" if cfg.chain.advertise_ip else None,
+            keypair=keypair,
+        )
+        await self.chain.start()
+        self._roster = lambda: self.chain.snapshot if self.chain else None
+        self.spawn("chain", self.chain.run())
+
     async def _start_listener(self, hotkey: str) -> None:
         assert self.engine is not None and self.batcher is not None
         cfg = self.cfg
+        a = cfg.auth
+        rules = TrustRules(a.require_registered, a.require_validator_permit, a.min_stake, a.rate_per_s, a.rate_burst)
+        rates = {c.hotkey: c.rate_per_s for c in a.allowlist if c.rate_per_s >= 0} if a.mode == "offline" else {}
         self.frontend = Frontend(
             cfg=cfg.server,
-            auth=Authenticator(
-                hotkey,
-                {c.hotkey: c.stake for c in cfg.auth.allowlist},
-                cfg.auth.nonce_max_age_s,
-                cfg.auth.nonce_future_s,
-            ),
+            auth=Authenticator(hotkey, self._roster, rules, a.nonce_max_age_s, a.nonce_future_s, rates=rates),
             batcher=self.batcher,
             decoder=self.decoder,
             limits=DecodeLimits(cfg.decode.max_image_bytes, cfg.decode.max_pixels, cfg.decode.formats),

@@ -41,6 +41,13 @@ class Forbidden(SvdError):
     reason = "not_allowed"
 
 
+class RateLimited(SvdError):
+    """The caller sends more than its per-hotkey rate."""
+
+    status = 429
+    reason = "rate_limited"
+
+
 class RequestTimeout(SvdError):
     """The request cannot be answered before its deadline."""
 

@@ -27,7 +27,7 @@ from svd.status import Stats
 
 log = structlog.get_logger(__name__)
 # Failures that are the caller's doing count as refusals; the rest as our failures.
-REFUSALS = (400, 401, 403, 413)
+REFUSALS = (400, 401, 403, 413, 429)
 
 
 @dataclass

@@ -69,6 +69,7 @@ class StatusSnapshot:
     errored: str | None
     hotkey: str
     listen: str
+    chain: dict[str, Any]
     engine: dict[str, Any]
     served: int
     refused: dict[str, int]
@@ -93,6 +94,7 @@ def render_table(s: dict[str, Any]) -> str:
         ("pid / uptime", f"{s['pid']} / {_duration(s['uptime_s'])}"),
         ("hotkey", s["hotkey"]),
         ("listening", s["listen"]),
+        ("chain", _chain(s["chain"])),
         ("engine", f"{engine.get('name')} v{engine.get('version')} on {engine.get('backend')}"),
         ("served", str(s["served"])),
         ("refused", _counts(s["refused"])),
@@ -105,6 +107,26 @@ def render_table(s: dict[str, Any]) -> str:
     ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
+
+
+def _chain(c: dict[str, Any]) -> str:
+    if c.get("mode") == "offline":
+        return f"offline ({c['callers']} allowlisted callers)"
+    if c.get("block") is None:
+        return f"{c['network']} netuid {c['netuid']}: no snapshot yet ({c.get('last_error')})"
+    line = f"{c['network']} netuid {c['netuid']}, block {c['block']}, snapshot age {_duration(c['age_s'])}"
+    if c.get("last_error"):
+        line += f", refresh failing x{c['failures']}: {c['last_error']}"
+    own = c.get("own")
+    if own is None:
+        return line + "\n" + " " * 19 + "this hotkey is not registered"
+    return (
+        line
+        + "\n"
+        + " " * 19
+        + f"uid {own['uid']}  stake {own['stake']:.2f}  trust {own['trust']:.4f}  "
+        + f"incentive {own['incentive']:.4f}  emission {own['emission']:.4f}  axon {own['axon']}"
+    )
 
 
 def _counts(c: dict[str, int]) -> str:

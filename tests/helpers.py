@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 from bittensor_wallet import Keypair
 
+from svd.chain import ChainSource
 from svd.config import Config, config_from_dict, load_config
 from svd.daemon import Daemon
 
@@ -36,7 +37,7 @@ def make_config(tmp_path: Path, engine: Path | None = None, **sections: dict[str
         "server": {"host": "127.0.0.1", "port": 0},
         "auth": {
             "allowlist": [
-                {"hotkey": VALIDATOR.ss58_address, "stake": 1000.0},
+                {"hotkey": VALIDATOR.ss58_address, "stake": 1000.0, "rate_per_s": 0.0},
                 {"hotkey": SMALL_VALIDATOR.ss58_address, "stake": 10.0},
             ]
         },
@@ -50,9 +51,9 @@ def make_config(tmp_path: Path, engine: Path | None = None, **sections: dict[str
 
 
 @asynccontextmanager
-async def running_daemon(cfg: Config) -> AsyncIterator[Daemon]:
+async def running_daemon(cfg: Config, chain: ChainSource | None = None) -> AsyncIterator[Daemon]:
     """Start a real Daemon in this loop; stop it as SIGTERM would on exit."""
-    daemon = Daemon(cfg, handle_signals=False)
+    daemon = Daemon(cfg, handle_signals=False, chain_source=chain)
     task = asyncio.create_task(daemon.serve())
     started = asyncio.create_task(daemon.started.wait())
     await asyncio.wait([task, started], return_when=asyncio.FIRST_COMPLETED)
@@ -138,6 +139,7 @@ port = {port}
 [[auth.allowlist]]
 hotkey = "{VALIDATOR.ss58_address}"
 stake = 100.0
+rate_per_s = 0.0
 [[auth.allowlist]]
 hotkey = "{SMALL_VALIDATOR.ss58_address}"
 stake = 1.0

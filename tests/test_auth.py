@@ -5,18 +5,43 @@ import pytest
 from bittensor_wallet import Keypair
 
 from svd import protocol
-from svd.auth import Authenticator, NonceLedger
-from svd.errors import BadRequest, Forbidden, Unauthorized
+from svd.auth import Authenticator, NonceLedger, RateLimiter, TrustRules
+from svd.chain import ChainSnapshot, Neuron
+from svd.errors import BadRequest, Forbidden, RateLimited, Unauthorized
 from tests.helpers import SMALL_VALIDATOR, STRANGER, VALIDATOR
 
 MINER = Keypair.create_from_uri("//Miner")
+NO_PERMIT = Keypair.create_from_uri("//Charlie")
 NOW = 1_800_000_000 * 10**9
 
 
-def auth(clock: list[int] | None = None) -> Authenticator:
-    clock = clock or [NOW]
-    stakes = {VALIDATOR.ss58_address: 1000.0, SMALL_VALIDATOR.ss58_address: 10.0}
-    return Authenticator(MINER.ss58_address, stakes, max_age_s=16, future_s=4, clock_ns=lambda: clock[0])
+ROSTER = ChainSnapshot(
+    netuid=72,
+    block=100,
+    fetched_at=0.0,
+    neurons={
+        n.hotkey: n
+        for n in [
+            Neuron(0, VALIDATOR.ss58_address, stake=1000.0, validator_permit=True),
+            Neuron(1, SMALL_VALIDATOR.ss58_address, stake=10.0, validator_permit=True),
+            Neuron(2, MINER.ss58_address, stake=5.0, validator_permit=False),
+            Neuron(3, NO_PERMIT.ss58_address, stake=5000.0, validator_permit=False),
+        ]
+    },
+)
+
+
+def auth(rules: TrustRules | None = None, monotonic: list[float] | None = None) -> Authenticator:
+    t = monotonic or [0.0]
+    return Authenticator(
+        MINER.ss58_address,
+        lambda: ROSTER,
+        rules or TrustRules(rate_per_s=0),
+        max_age_s=16,
+        future_s=4,
+        clock_ns=lambda: NOW,
+        monotonic=lambda: t[0],
+    )
 
 
 def headers(kp: Keypair = VALIDATOR, receiver: str = MINER.ss58_address, nonce: int = NOW, uuid: str = "u1") -> dict:
@@ -60,8 +85,58 @@ def test_signature_for_another_miner_is_refused() -> None:
 
 
 def test_stranger_is_forbidden_before_any_signature_work() -> None:
+    with pytest.raises(Forbidden) as err:
+        auth().check(protocol.parse_headers(headers(STRANGER) | {"bt_header_dendrite_signature": ""}))
+    assert err.value.reason == "not_registered"
+
+
+@pytest.mark.parametrize(
+    ("caller", "rules", "reason"),
+    [
+        (NO_PERMIT, TrustRules(rate_per_s=0), "no_permit"),
+        (SMALL_VALIDATOR, TrustRules(min_stake=100.0, rate_per_s=0), "low_stake"),
+    ],
+)
+def test_trust_rules_refuse_from_headers_alone(caller: Keypair, rules: TrustRules, reason: str) -> None:
+    unsigned = headers(caller) | {"bt_header_dendrite_signature": ""}
+    with pytest.raises(Forbidden) as err:
+        auth(rules).check(protocol.parse_headers(unsigned))
+    assert err.value.reason == reason
+
+
+def test_each_rule_can_be_turned_off() -> None:
+    lax = TrustRules(require_registered=False, require_validator_permit=False, rate_per_s=0)
+    assert auth(lax).check(protocol.parse_headers(headers(NO_PERMIT))).stake == 5000.0
+    assert auth(lax).check(protocol.parse_headers(headers(STRANGER))).stake == 0.0
+
+
+def test_no_roster_refuses_everyone() -> None:
+    a = Authenticator(MINER.ss58_address, lambda: None, TrustRules(), 16, 4, clock_ns=lambda: NOW)
     with pytest.raises(Forbidden):
-        auth().check(protocol.parse_headers(headers(STRANGER)))
+        a.check(protocol.parse_headers(headers()))
+
+
+def test_rate_limit_is_charged_after_the_signature() -> None:
+    t = [0.0]
+    a = auth(TrustRules(rate_per_s=2.0, rate_burst=3.0), monotonic=t)
+    forged = headers(nonce=NOW - 99) | {"bt_header_dendrite_signature": "0x" + "00" * 64}
+    for _ in range(10):  # an impostor cannot spend the validator's budget
+        with pytest.raises(Unauthorized):
+            a.check(protocol.parse_headers(forged))
+    for i in range(3):
+        a.check(protocol.parse_headers(headers(nonce=NOW - i)))
+    with pytest.raises(RateLimited):
+        a.check(protocol.parse_headers(headers(nonce=NOW - 3)))
+    t[0] = 0.5  # one token back after 1/rate seconds
+    a.check(protocol.parse_headers(headers(nonce=NOW - 4)))
+    # Another validator has its own bucket.
+    a.check(protocol.parse_headers(headers(SMALL_VALIDATOR, nonce=NOW - 5)))
+
+
+def test_rate_override_per_caller() -> None:
+    limiter = RateLimiter(rate_per_s=1.0, burst=1.0, clock=lambda: 0.0)
+    assert limiter.allow("a") and not limiter.allow("a")
+    assert all(limiter.allow("b", rate_per_s=0.0) for _ in range(100))
 
 
 def test_replayed_nonce_is_refused_but_out_of_order_nonces_pass() -> None:

@@ -68,7 +68,7 @@ async def test_refusals_carry_the_dendrite_status_codes(config: Config, jpegs_b6
         assert status == 400 and "base64" in body["message"]
         assert headers["bt_header_axon_status_code"] == "400"
         refused = d.snapshot().refused
-        assert refused == {"not_allowed": 1, "foreign_receiver": 1, "bad_image": 1}
+        assert refused == {"not_registered": 1, "foreign_receiver": 1, "bad_image": 1}
 
 
 async def test_get_and_unknown_routes_are_refused(config: Config) -> None:
