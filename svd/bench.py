@@ -38,6 +38,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--images", type=Path, default=None, help="folder of JPEGs (default: generated)")
     p.add_argument("--raw", action="store_true", help="time decode+engine in-process, no HTTP")
     p.add_argument("-b", "--batch", type=int, default=16, help="raw mode: batch size")
+    p.add_argument("--flood-rate", type=float, default=0.0, help="also flood at this rate (per second) meanwhile")
+    p.add_argument("--flood-uri", default="//Eve", help="keypair URI of the flooding caller (a refused one)")
     p.add_argument("--json", action="store_true", help="print figures as one JSON object")
     p.set_defaults(func=run_bench)
 
@@ -179,6 +181,18 @@ async def open_loop(client: LoadClient, rate: float, warmup: float, duration: fl
         return result.summary(duration)
 
 
+async def flooded(
+    client: LoadClient, rate: float, flooder: LoadClient, flood_rate: float, args: argparse.Namespace
+) -> dict[str, Any]:
+    """The client's open-loop figures while another caller floods at flood_rate."""
+    main = asyncio.create_task(open_loop(client, rate, args.warmup, args.duration))
+    flood = asyncio.create_task(open_loop(flooder, flood_rate, args.warmup, args.duration))
+    figures, flood_figures = await asyncio.gather(main, flood)
+    figures["mode"] = f"open loop, {rate}/s, flooded at {flood_rate}/s by {flooder.keypair.ss58_address}"
+    figures["flood"] = {k: flood_figures[k] for k in ("sent", "ok", "errors", "p50_ms", "p99_ms")}
+    return figures
+
+
 def raw_ceilings(cfg: Config, images: list[str], batch: int, seconds: float = 5.0) -> dict[str, Any]:
     """Time decode+engine and engine alone in this process, as the daemon's worker would."""
     from svd.decode import DecodeLimits, decode_image
@@ -230,7 +244,10 @@ def run_bench(args: argparse.Namespace, cfg: Config) -> int:
         port = args.port or cfg.server.port
         hotkey = args.axon_hotkey or _daemon_hotkey(cfg)
         client = LoadClient(f"http://{args.host}:{port}/ImageSynapse", hotkey, args.uri, images)
-        if args.rate > 0:
+        if args.flood_rate > 0:
+            flooder = LoadClient(client.url, hotkey, args.flood_uri, images)
+            figures = asyncio.run(flooded(client, args.rate or 10.0, flooder, args.flood_rate, args))
+        elif args.rate > 0:
             figures = asyncio.run(open_loop(client, args.rate, args.warmup, args.duration))
             figures["mode"] = f"open loop, {args.rate}/s"
         else:

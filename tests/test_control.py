@@ -100,3 +100,20 @@ async def test_bench_counts_refusals_as_errors(config: Config) -> None:
         )
         result = await closed_loop(stranger, concurrency=2, warmup=0.0, duration=0.5)
         assert result["ok"] == 0 and set(result["errors"]) == {"403"}
+
+
+async def test_bench_flood_mode_reports_both_callers(config: Config) -> None:
+    import argparse
+
+    from svd.bench import flooded
+    from tests.helpers import running_daemon
+
+    async with running_daemon(config) as d:
+        url, miner = f"http://127.0.0.1:{d.port}/ImageSynapse", d.snapshot().hotkey
+        images = load_images(None, 4)
+        args = argparse.Namespace(warmup=0.2, duration=1.0)
+        figures = await flooded(
+            LoadClient(url, miner, "//Alice", images), 10, LoadClient(url, miner, "//Eve", images), 50, args
+        )
+        assert figures["sent"] == 10 and figures["ok"] == 10
+        assert figures["flood"]["ok"] == 0 and figures["flood"]["errors"] == {"403": 50}
