@@ -17,12 +17,12 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 
-from svd import protocol
-from svd.auth import Authenticator
+from svd import btauth, protocol
+from svd.auth import Authenticator, Caller
 from svd.batcher import Batcher, Prediction
 from svd.config import ServerConfig
 from svd.decode import DecodeLimits, decode_image
-from svd.errors import BadRequest, PayloadTooLarge, RequestTimeout, SvdError
+from svd.errors import BadRequest, PayloadTooLarge, RequestTimeout, SvdError, Unauthorized
 from svd.status import Stats
 
 log = structlog.get_logger(__name__)
@@ -54,12 +54,16 @@ class Frontend:
         caller = None
         timeout = self.cfg.default_timeout_s
         try:
-            caller = protocol.parse_headers(request.headers)
-            identity = self.auth.check(caller)
-            if caller.timeout is not None:
-                timeout = min(caller.timeout, self.cfg.timeout_cap_s)
+            if btauth.is_btauth(request.headers):
+                identity, raw = await self._btauth(request)
+            else:
+                caller = protocol.parse_headers(request.headers)
+                identity = self.auth.check(caller)
+                if caller.timeout is not None:
+                    timeout = min(caller.timeout, self.cfg.timeout_cap_s)
+                raw = await _read_body(request)
             deadline = start + max(timeout - self.cfg.response_margin_s, 0.0)
-            query = protocol.parse_body(await _read_body(request))
+            query = protocol.parse_body(raw)
             image = await self._decode(query.image)
             future = self.batcher.submit(image, identity.stake, deadline)
             prediction = await _await_until(future, deadline)
@@ -77,6 +81,16 @@ class Frontend:
             content_type="application/json",
             headers=self._headers(name, timeout, 200, "Success", elapsed, caller),
         )
+
+    async def _btauth(self, request: web.Request) -> tuple[Caller, bytes]:
+        """bittensor 11's signed HTTP: trust rules from headers, then the signature over the body."""
+        h = btauth.parse_btauth_headers(request.headers)
+        if h.receiver != self.auth.own_hotkey:
+            raise Unauthorized("request is addressed to another hotkey", reason="foreign_receiver")
+        stake = self.auth.admit(h.hotkey)
+        raw = await _read_body(request)
+        btauth.verify_btauth(h, method=request.method, path=request.raw_path, body=raw, own_hotkey=self.auth.own_hotkey)
+        return self.auth.charge(h.hotkey, btauth.PROTOCOL, h.nonce, stake), raw
 
     async def _decode(self, b64: str) -> np.ndarray:
         started = time.monotonic()

@@ -3,6 +3,7 @@
 import asyncio
 import base64
 import json
+import time
 from pathlib import Path
 
 import aiohttp
@@ -148,3 +149,51 @@ async def test_bodies_the_parser_chokes_on_are_400_not_500(config: Config) -> No
         async with s.post(url, data=body, headers=headers | {"Content-Encoding": "gzip"}) as r:  # not gzip
             assert r.status == 400
         assert d.snapshot().failed == {}
+
+
+async def test_bittensor_11_signed_http_gets_predictions_and_forgeries_are_refused(
+    config: Config, jpegs_b64: list[str]
+) -> None:
+    http_auth = pytest.importorskip("bittensor.http_auth", reason="bittensor 11 comes with the dev extra")
+
+    async with running_daemon(config) as d:
+        miner = d.snapshot().hotkey
+        body = json.dumps({"image": jpegs_b64[0], "testnet_label": -1}).encode()
+        headers = http_auth.sign(VALIDATOR, method="POST", path="/ImageSynapse", body=body, receiver_ss58=miner)
+        url = f"http://127.0.0.1:{d.port}/ImageSynapse"
+        async with aiohttp.ClientSession() as s:
+            async with s.post(url, data=body, headers=headers) as r:
+                assert r.status == 200
+                assert 0.0 <= json.loads(await r.read())["prediction"] <= 1.0
+            async with s.post(url, data=body, headers=headers) as r:  # the same request again
+                assert r.status == 401
+            tampered = body.replace(b'"testnet_label": -1', b'"testnet_label": 1')
+            fresh = http_auth.sign(VALIDATOR, method="POST", path="/ImageSynapse", body=body, receiver_ss58=miner)
+            async with s.post(url, data=tampered, headers=fresh) as r:  # btauth/1 covers the body
+                assert r.status == 401
+            stale = http_auth.sign(
+                VALIDATOR,
+                method="POST",
+                path="/ImageSynapse",
+                body=body,
+                receiver_ss58=miner,
+                nonce_ns=time.time_ns() - 60 * 10**9,
+            )
+            async with s.post(url, data=body, headers=stale) as r:
+                assert r.status == 401
+            other = Keypair.create_from_uri("//SomeoneElse").ss58_address
+            wrong = http_auth.sign(VALIDATOR, method="POST", path="/ImageSynapse", body=body, receiver_ss58=other)
+            async with s.post(url, data=body, headers=wrong) as r:
+                assert r.status == 401
+            stranger = http_auth.sign(STRANGER, method="POST", path="/ImageSynapse", body=body, receiver_ss58=miner)
+            async with s.post(url, data=body, headers=stranger) as r:
+                assert r.status == 403
+        snap = d.snapshot()
+        assert snap.served == 1
+        assert snap.refused == {
+            "replayed_nonce": 1,
+            "bad_signature": 1,
+            "stale_nonce": 1,
+            "foreign_receiver": 1,
+            "not_registered": 1,
+        }
