@@ -9,6 +9,8 @@ from __future__ import annotations
 class SvdError(Exception):
     status = 500
     reason = "internal"
+    # True when the caller is at fault: counted as a refusal, not as our failure.
+    refusal = False
 
     def __init__(self, message: str, reason: str | None = None) -> None:
         super().__init__(message)
@@ -20,11 +22,13 @@ class SvdError(Exception):
 class BadRequest(SvdError):
     status = 400
     reason = "bad_request"
+    refusal = True
 
 
 class PayloadTooLarge(SvdError):
     status = 413
     reason = "too_large"
+    refusal = True
 
 
 class Unauthorized(SvdError):
@@ -32,6 +36,7 @@ class Unauthorized(SvdError):
 
     status = 401
     reason = "bad_signature"
+    refusal = True
 
 
 class Forbidden(SvdError):
@@ -39,6 +44,7 @@ class Forbidden(SvdError):
 
     status = 403
     reason = "not_allowed"
+    refusal = True
 
 
 class RateLimited(SvdError):
@@ -46,6 +52,7 @@ class RateLimited(SvdError):
 
     status = 429
     reason = "rate_limited"
+    refusal = True
 
 
 class RequestTimeout(SvdError):
@@ -53,6 +60,13 @@ class RequestTimeout(SvdError):
 
     status = 408
     reason = "deadline"
+
+
+class SlowBody(RequestTimeout):
+    """The caller did not send its body before the deadline."""
+
+    reason = "slow_body"
+    refusal = True
 
 
 class Overloaded(SvdError):

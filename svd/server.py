@@ -22,12 +22,10 @@ from svd.auth import Authenticator, Caller
 from svd.batcher import Batcher, Prediction
 from svd.config import ServerConfig
 from svd.decode import DecodeLimits, decode_image
-from svd.errors import BadRequest, PayloadTooLarge, RequestTimeout, SvdError, Unauthorized
+from svd.errors import BadRequest, PayloadTooLarge, RequestTimeout, SlowBody, SvdError, Unauthorized
 from svd.status import Stats
 
 log = structlog.get_logger(__name__)
-# Failures that are the caller's doing count as refusals; the rest as our failures.
-REFUSALS = (400, 401, 403, 413, 429)
 
 
 @dataclass
@@ -55,14 +53,15 @@ class Frontend:
         timeout = self.cfg.default_timeout_s
         try:
             if btauth.is_btauth(request.headers):
-                identity, raw = await self._btauth(request)
+                deadline = start + max(timeout - self.cfg.response_margin_s, 0.0)
+                identity, raw = await self._btauth(request, deadline)
             else:
                 caller = protocol.parse_headers(request.headers)
                 identity = self.auth.check(caller)
                 if caller.timeout is not None:
                     timeout = min(caller.timeout, self.cfg.timeout_cap_s)
-                raw = await _read_body(request)
-            deadline = start + max(timeout - self.cfg.response_margin_s, 0.0)
+                deadline = start + max(timeout - self.cfg.response_margin_s, 0.0)
+                raw = await _read_body(request, deadline)
             query = protocol.parse_body(raw)
             image = await self._decode(query.image)
             future = self.batcher.submit(image, identity.stake, deadline)
@@ -82,13 +81,13 @@ class Frontend:
             headers=self._headers(name, timeout, 200, "Success", elapsed, caller),
         )
 
-    async def _btauth(self, request: web.Request) -> tuple[Caller, bytes]:
+    async def _btauth(self, request: web.Request, deadline: float) -> tuple[Caller, bytes]:
         """bittensor 11's signed HTTP: trust rules from headers, then the signature over the body."""
         h = btauth.parse_btauth_headers(request.headers)
         if h.receiver != self.auth.own_hotkey:
             raise Unauthorized("request is addressed to another hotkey", reason="foreign_receiver")
         stake = self.auth.admit(h.hotkey)
-        raw = await _read_body(request)
+        raw = await _read_body(request, deadline)
         btauth.verify_btauth(h, method=request.method, path=request.raw_path, body=raw, own_hotkey=self.auth.own_hotkey)
         return self.auth.charge(h.hotkey, btauth.PROTOCOL, h.nonce, stake), raw
 
@@ -102,7 +101,7 @@ class Frontend:
     def _error(
         self, e: SvdError, name: str, timeout: float, caller: protocol.CallerHeaders | None, start: float
     ) -> web.Response:
-        if e.status in REFUSALS:
+        if e.refusal:
             self.stats.refuse(e.reason)
         else:
             self.stats.fail(e.reason)
@@ -135,9 +134,15 @@ class Frontend:
         )
 
 
-async def _read_body(request: web.Request) -> bytes:
+async def _read_body(request: web.Request, deadline: float) -> bytes:
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise RequestTimeout("the caller's timeout leaves no time to answer")
+    # aiohttp has no read timeout: a client that stops mid-body would hold the handler forever.
     try:
-        return await request.read()
+        return await asyncio.wait_for(request.read(), remaining)
+    except TimeoutError:
+        raise SlowBody("request body did not arrive before the deadline") from None
     except web.HTTPRequestEntityTooLarge:
         raise PayloadTooLarge("request body is too large") from None
     except (ConnectionError, asyncio.IncompleteReadError, ValueError, HttpProcessingError, RequestPayloadError) as e:

@@ -197,3 +197,17 @@ async def test_bittensor_11_signed_http_gets_predictions_and_forgeries_are_refus
             "foreign_receiver": 1,
             "not_registered": 1,
         }
+
+
+async def test_a_body_that_stops_midway_is_answered_408_at_the_deadline(config: Config) -> None:
+    async with running_daemon(config) as d:
+        headers, body = protocol.dendrite_request(VALIDATOR, d.snapshot().hotkey, "", timeout=1.0)
+        reader, writer = await asyncio.open_connection("127.0.0.1", d.port)
+        head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        writer.write(f"POST /ImageSynapse HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n{head}\r\n".encode())
+        writer.write(body[:10])  # and nothing more
+        await writer.drain()
+        status_line = await asyncio.wait_for(reader.readline(), 5)
+        writer.close()
+        assert status_line.startswith(b"HTTP/1.1 408")
+        assert d.snapshot().refused == {"slow_body": 1}
