@@ -184,7 +184,7 @@ class BatcherConfig:
 class DecodeConfig:
     threads: int = 2
     max_image_bytes: int = 1_500_000
-    max_pixels: int = 4096 * 4096
+    max_pixels: int = 1024 * 1024
     formats: tuple[str, ...] = IMAGE_FORMATS
 
     def validate(self) -> None:
