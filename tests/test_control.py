@@ -117,3 +117,11 @@ async def test_bench_flood_mode_reports_both_callers(config: Config) -> None:
         )
         assert figures["sent"] == 10 and figures["ok"] == 10
         assert figures["flood"]["ok"] == 0 and figures["flood"]["errors"] == {"403": 50}
+
+
+def test_encrypted_hotkey_stops_start_up_with_what_to_do(tmp_path: Path) -> None:
+    wallet = Wallet(name="miner", hotkey="locked", path=str(tmp_path))
+    wallet.create_new_hotkey(use_password=True, overwrite=False, suppress=True, hotkey_password="correct-horse-9")
+    cfg = WalletConfig(name="miner", hotkey="locked", path=str(tmp_path))
+    with pytest.raises(WalletError, match=r"miner/hotkeys/locked is encrypted: a daemon cannot type its password"):
+        load_hotkey(cfg, tmp_path / "state", offline=False)
