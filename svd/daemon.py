@@ -290,6 +290,8 @@ class Daemon:
             self.frontend.make_app(),
             handle_signals=False,
             access_log=None,
+            # Dendrites never compress requests; aiohttp would inflate a gzip bomb on the loop.
+            auto_decompress=False,
             shutdown_timeout=cfg.daemon.shutdown_grace_s,
             max_field_size=cfg.server.max_header_bytes,
             max_line_size=cfg.server.max_header_bytes,

@@ -31,8 +31,10 @@ class Notifier:
             return
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+                # Non-blocking: a stalled systemd with a full queue must not freeze the event loop.
+                sock.setblocking(False)
                 sock.sendto(state.encode(), self._addr)
-        except OSError as e:  # systemd gone or socket unreachable: log, never die for it
+        except OSError as e:  # systemd gone, socket unreachable or full: log, never die for it
             log.warning("sd_notify_failed", state=state, error=str(e))
 
     def ready(self) -> None:
