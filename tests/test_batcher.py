@@ -37,14 +37,21 @@ async def stop(task: asyncio.Task[None]) -> None:
         await task
 
 
-async def test_idle_worker_takes_a_single_request_at_once(worker: ThreadPoolExecutor) -> None:
+@pytest.mark.parametrize(("max_wait_s", "waits"), [(0.0, False), (30.0, True)])
+async def test_idle_worker_takes_a_single_request_at_once(
+    worker: ThreadPoolExecutor, max_wait_s: float, waits: bool
+) -> None:
     engine = FakeEngine()
-    b = Batcher(engine, worker, max_batch=16, max_queue=64)
+    b = Batcher(engine, worker, max_batch=16, max_queue=64, max_wait_s=max_wait_s)
     task = await started(b)
-    loop = asyncio.get_running_loop()
-    t0 = loop.time()
-    pred = await b.submit(image(51), stake=1.0, deadline=FAR)
-    assert loop.time() - t0 < 0.05
+    future = b.submit(image(51), stake=1.0, deadline=FAR)
+    # Not a timing test: with max_wait 30 s no answer can come in 0.5 s; without it one must in 5 s.
+    done, _ = await asyncio.wait([future], timeout=0.5 if waits else 5)
+    assert bool(done) is not waits
+    if waits:
+        await stop(task)
+        return
+    pred = future.result()
     assert pred.prob == pytest.approx(0.2) and pred.batch_size == 1 and pred.engine == "fake"
     assert engine.batches == [1]
     await stop(task)
