@@ -12,7 +12,7 @@ import dataclasses
 import os
 import signal
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,7 @@ from svd.wallet import load_hotkey
 log = structlog.get_logger(__name__)
 HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 HEALTH_INTERVAL_S = 5.0
+SHUTDOWN_STEP_S = 5.0
 
 
 class StartupError(Exception):
@@ -137,24 +138,28 @@ class Daemon:
             # Stops listening and closes idle keep-alive connections, then waits
             # up to the grace period for requests already received: those are served.
             drain = asyncio.ensure_future(self._runner.cleanup())
-            await asyncio.wait([drain, asyncio.ensure_future(self.force_exit.wait())], return_when="FIRST_COMPLETED")
+            forced = asyncio.ensure_future(self.force_exit.wait())
+            await asyncio.wait([drain, forced], return_when=asyncio.FIRST_COMPLETED)
+            forced.cancel()
             if not drain.done():
                 log.warning("forced_exit", in_flight=self.batcher.in_flight if self.batcher else 0)
                 drain.cancel()
+                await _bounded(drain, "listener")
         if self.batcher is not None:
             self.batcher.close(ShuttingDown("miner is shutting down"))
-        for task in list(self._tasks):
+        tasks = list(self._tasks)
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await _bounded(asyncio.gather(*tasks, return_exceptions=True), "tasks", stragglers=len(tasks))
         if self.handle_signals:
             # A signal after this point gets the default action: exit at once.
             loop = asyncio.get_running_loop()
             for sig in HANDLED_SIGNALS:
                 loop.remove_signal_handler(sig)
         if self._control is not None:
-            await self._control.close()
+            await _bounded(self._control.close(), "control socket")
         if self.engine is not None:
-            await self._in_worker(self.engine.close)
+            await _bounded(self._in_worker(self.engine.close), "engine")
         self.worker.shutdown(wait=False, cancel_futures=True)
         self.decoder.shutdown(wait=False, cancel_futures=True)
         s = self.stats
@@ -330,3 +335,11 @@ class Daemon:
 
     async def _in_worker(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.worker, fn, *args)
+
+
+async def _bounded(step: Awaitable[Any], what: str, stragglers: int = 0, timeout_s: float = SHUTDOWN_STEP_S) -> None:
+    """One shutdown step, never longer than timeout_s: exiting beats hanging under systemd."""
+    try:
+        await asyncio.wait_for(step, timeout_s)
+    except (TimeoutError, asyncio.CancelledError):
+        log.warning("shutdown_step_abandoned", step=what, after_s=timeout_s, stragglers=stragglers)
