@@ -17,6 +17,8 @@ from svd.errors import Forbidden, RateLimited, Unauthorized
 from svd.protocol import CallerHeaders
 
 NS = 1_000_000_000
+# Bound on per-hotkey caches (keys, rate buckets): more than any subnet has callers.
+MAX_CACHED = 10_000
 
 
 @dataclass(frozen=True)
@@ -81,11 +83,18 @@ class RateLimiter:
         now = self._clock()
         tokens, last = self._buckets.get(hotkey, (self._burst, now))
         tokens = min(self._burst, tokens + (now - last) * rate)
+        if len(self._buckets) >= MAX_CACHED and hotkey not in self._buckets:
+            self._forget_full(now)
         if tokens < 1.0:
             self._buckets[hotkey] = (tokens, now)
             return False
         self._buckets[hotkey] = (tokens - 1.0, now)
         return True
+
+    def _forget_full(self, now: float) -> None:
+        # A bucket that has refilled to its burst holds no information: drop those.
+        full_after = self._burst / self._rate if self._rate > 0 else 0.0
+        self._buckets = {k: v for k, v in self._buckets.items() if now - v[1] < full_after}
 
 
 class Authenticator:
@@ -161,10 +170,11 @@ class Authenticator:
         return Caller(hotkey=hotkey, stake=stake)
 
     def _verify(self, h: CallerHeaders) -> bool:
-        key = self._keys.get(h.hotkey)
-        if key is None:
-            key = self._keys[h.hotkey] = Keypair(ss58_address=h.hotkey)
         try:
-            return bool(key.verify(h.signed_message(self.own_hotkey), h.signature))
-        except Exception:  # malformed hex or length: a bad signature, not a crash
+            key = self._keys.get(h.hotkey) or Keypair(ss58_address=h.hotkey)
+            ok = bool(key.verify(h.signed_message(self.own_hotkey), h.signature))
+        except Exception:  # malformed hotkey, hex or length: a bad signature, not a crash
             return False
+        if ok and len(self._keys) < MAX_CACHED:  # only verified callers, and only so many
+            self._keys[h.hotkey] = key
+        return ok

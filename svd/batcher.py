@@ -167,6 +167,10 @@ class Batcher:
                     self._wakeup.clear()
                 for item in expired:
                     _fail(item, RequestTimeout("request cannot be answered before its deadline"))
+                if expired and not batch:
+                    # The estimate is only learnt from batches that ran: if it alone turns
+                    # everything away, it would never come down again. Let it decay.
+                    self.batch_s *= 0.5
                 if batch:
                     await self._run_batch(batch)
         except BaseException as e:

@@ -72,7 +72,7 @@ def load_snapshot(state_dir: Path, netuid: int) -> ChainSnapshot | None:
         snapshot = ChainSnapshot.from_json(path.read_text())
     except FileNotFoundError:
         return None
-    except (ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError, KeyError, TypeError) as e:
         log.warning("chain_snapshot_unreadable", path=str(path), error=repr(e))
         return None
     if snapshot.netuid != netuid:
@@ -163,7 +163,10 @@ class Bittensor11Source:
         metagraph = self._call(lambda c: c.subnets.metagraph(netuid, commitments=False))
         if metagraph is None:
             raise ChainError(f"subnet {netuid} does not exist on {self._network}")
-        return snapshot_from_metagraph(netuid, metagraph)
+        try:
+            return snapshot_from_metagraph(netuid, metagraph)
+        except (AttributeError, TypeError, ValueError) as e:  # an SDK whose shapes moved
+            raise ChainError(f"unexpected metagraph shape: {e!r}") from e
 
     def published_axon(self, netuid: int, hotkey: str) -> str | None:
         import ipaddress
@@ -180,8 +183,8 @@ class Bittensor11Source:
 
         # Signed by the hotkey alone: the coldkey is never read.
         result = self._call(lambda c: c.execute(bt.ServeAxon(netuid, ip, port, protocol=4, version=1), keypair))
-        if not result.success:
-            raise ChainError(f"ServeAxon failed: {result.message}")
+        if not getattr(result, "success", False):
+            raise ChainError(f"ServeAxon failed: {getattr(result, 'message', result)!r}")
 
 
 def backoff_delays(base_s: float, cap_s: float = MAX_BACKOFF_S) -> Iterator[float]:
@@ -251,7 +254,10 @@ class ChainSync:
             log.warning("chain_refresh_failed", error=str(e), failures=self.failures, keeping_block=self._block())
             return False
         self.snapshot, self.failures, self.last_error = snapshot, 0, None
-        await asyncio.to_thread(save_snapshot, snapshot, self.state_dir)
+        try:
+            await asyncio.to_thread(save_snapshot, snapshot, self.state_dir)
+        except OSError as e:  # a full or read-only disk must not stop serving
+            log.warning("chain_snapshot_not_saved", error=str(e))
         log.info("chain_refreshed", block=snapshot.block, neurons=len(snapshot.neurons))
         await self._publish()
         return True

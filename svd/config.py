@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import ipaddress
+import math
 import tomllib
 import types
 import typing
@@ -157,9 +158,9 @@ class EngineConfig:
         _check(self.backend in backends, "engine.backend", f"one of {', '.join(backends)}", self.backend)
         _check(0 <= self.threads <= 256, "engine.threads", "an integer 0..256 (0: runtime default)", self.threads)
         _check(
-            all(1 <= b <= 1024 for b in self.warmup_batch_sizes),
+            bool(self.warmup_batch_sizes) and all(1 <= b <= 1024 for b in self.warmup_batch_sizes),
             "engine.warmup_batch_sizes",
-            "a list of integers 1..1024",
+            "a non-empty list of integers 1..1024",
             self.warmup_batch_sizes,
         )
 
@@ -308,6 +309,8 @@ def _convert(hint: Any, value: Any, key: str) -> Any:
         raise AssertionError(f"unsupported config type at {key}")  # keep the schema simple
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key}: expected a finite number, got {value!r}")
     if (hint is int and isinstance(value, bool)) or not isinstance(value, hint):
         raise ConfigError(f"{key}: expected {_TYPE_WORDS[hint]}, got {_kind(value)}")
     return value

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import fcntl
 import os
 import signal
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import structlog
 import uvloop
@@ -39,6 +40,7 @@ log = structlog.get_logger(__name__)
 HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 HEALTH_INTERVAL_S = 5.0
 SHUTDOWN_STEP_S = 5.0
+LOCK_FILE = "svd.lock"
 
 
 class StartupError(Exception):
@@ -83,6 +85,7 @@ class Daemon:
         self._runner: web.AppRunner | None = None
         self._control: ControlServer | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._lock: IO[str] | None = None
         self._hotkey = ""
         self.chain: ChainSync | None = None
         self._roster: Callable[[], ChainSnapshot | None] = lambda: None
@@ -104,6 +107,7 @@ class Daemon:
     async def startup(self) -> None:
         cfg = self.cfg
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        self._lock = _lock_state_dir(cfg.state_dir)
         hotkey = load_hotkey(cfg.wallet, cfg.state_dir, offline=cfg.auth.mode == "offline")
         self._hotkey = hotkey.ss58_address
         await self._start_chain(hotkey)
@@ -162,6 +166,8 @@ class Daemon:
             await _bounded(self._in_worker(self.engine.close), "engine")
         self.worker.shutdown(wait=False, cancel_futures=True)
         self.decoder.shutdown(wait=False, cancel_futures=True)
+        if self._lock is not None:
+            self._lock.close()  # releases the flock
         s = self.stats
         log.info(
             "stopped",
@@ -343,3 +349,20 @@ async def _bounded(step: Awaitable[Any], what: str, stragglers: int = 0, timeout
         await asyncio.wait_for(step, timeout_s)
     except (TimeoutError, asyncio.CancelledError):
         log.warning("shutdown_step_abandoned", step=what, after_s=timeout_s, stragglers=stragglers)
+
+
+def _lock_state_dir(state_dir: Path) -> IO[str]:
+    """One daemon per state dir: a second would take over the control socket and the GPU."""
+    handle = open(state_dir / LOCK_FILE, "a+")  # noqa: SIM115 - held for the daemon's life
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        other = handle.read().strip() or "unknown"
+        handle.close()
+        raise StartupError(f"another svd (pid {other}) is running with state dir {state_dir}") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(str(os.getpid()))
+    handle.flush()
+    return handle

@@ -58,7 +58,8 @@ def parse_headers(headers: Mapping[str, str]) -> CallerHeaders:
     if not hotkey:
         raise BadRequest(f"missing header {DENDRITE}hotkey", reason="missing_headers")
     nonce_text = headers.get(DENDRITE + "nonce", "")
-    if not nonce_text.isdigit() or len(nonce_text) > 19 or int(nonce_text) > MAX_NONCE:
+    # isascii: str.isdigit() also accepts digits like "²" that int() refuses.
+    if not (nonce_text.isascii() and nonce_text.isdigit()) or len(nonce_text) > 19 or int(nonce_text) > MAX_NONCE:
         raise BadRequest(f"header {DENDRITE}nonce must be a decimal nanosecond timestamp", reason="missing_headers")
     timeout = None
     if "timeout" in headers:

@@ -176,6 +176,7 @@ def test_ledger_forgets_old_nonces_and_stays_small() -> None:
         {"bt_header_dendrite_nonce": "abc"},
         {"bt_header_dendrite_nonce": "-5"},
         {"bt_header_dendrite_nonce": "9" * 40},
+        {"bt_header_dendrite_nonce": "\u00b2"},  # isdigit() but not int()-able
         {"timeout": "nan"},
         {"timeout": "-1"},
         {"timeout": "soon"},
@@ -216,3 +217,17 @@ def test_body_round_trip() -> None:
 def test_dendrite_request_uses_the_current_time() -> None:
     h, _ = protocol.dendrite_request(VALIDATOR, MINER.ss58_address, "")
     assert abs(int(h["bt_header_dendrite_nonce"]) - time.time_ns()) < 10**9
+
+
+def test_unregistered_callers_with_bad_hotkeys_are_refused_and_not_cached() -> None:
+    lax = TrustRules(require_registered=False, require_validator_permit=False, rate_per_s=0)
+    a = auth(lax)
+    h = headers() | {"bt_header_dendrite_hotkey": "not-an-ss58-address"}
+    with pytest.raises(Unauthorized):
+        a.check(protocol.parse_headers(h))
+    for i in range(50):  # random callers with forged signatures leave nothing behind
+        stranger = Keypair.create_from_uri(f"//Random{i}")
+        forged = headers(stranger) | {"bt_header_dendrite_signature": "0x" + "00" * 64}
+        with pytest.raises(Unauthorized):
+            a.check(protocol.parse_headers(forged))
+    assert len(a._keys) == 0

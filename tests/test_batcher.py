@@ -204,3 +204,20 @@ def test_collect_batch_with_a_fake_clock() -> None:
         assert queue == []
     finally:
         loop.close()
+
+
+async def test_a_pessimistic_batch_estimate_cannot_turn_everything_away(worker: ThreadPoolExecutor) -> None:
+    b = Batcher(FakeEngine(), worker, max_batch=4, max_queue=64)
+    task = await started(b)
+    loop = asyncio.get_running_loop()
+    b.batch_s = 100.0  # learnt during a slow spell
+    for _ in range(20):  # each refusal halves it, until requests fit their deadline again
+        try:
+            await b.submit(image(7), 1.0, deadline=loop.time() + 1.0)
+            break
+        except RequestTimeout:
+            pass
+    else:
+        pytest.fail(f"still refusing with batch_s={b.batch_s}")
+    assert b.batch_s < 1.0
+    await stop(task)

@@ -1,6 +1,7 @@
 """Online mode with a fake chain at the bittensor 11 API's edge: the chain itself is out of reach."""
 
 import asyncio
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -233,3 +234,22 @@ async def test_online_without_a_hotkey_stops_start_up(tmp_path: Path, tiny_engin
     with pytest.raises(WalletError, match="miner/hotkeys/default does not exist"):
         async with running_daemon(online(tmp_path, tiny_engine), FakeChain()):
             pass
+
+
+async def test_a_snapshot_that_cannot_be_saved_does_not_stop_the_sync(tmp_path: Path) -> None:
+    (tmp_path / SNAPSHOT_FILE).mkdir()  # neither readable nor replaceable: every write fails
+    sync = ChainSync(FakeChain(), NETUID, tmp_path, 300, own_hotkey="5Miner")
+    await sync.start()
+    assert sync.snapshot is not None and sync.last_error is None
+    assert await sync.refresh()
+
+
+async def test_a_second_daemon_on_the_same_state_dir_is_refused(config: Config) -> None:
+    from svd.daemon import StartupError
+
+    async with running_daemon(config) as d:
+        with pytest.raises(StartupError, match=f"another svd \\(pid {os.getpid()}\\) is running"):
+            async with running_daemon(config):
+                pass
+        assert config.socket_path.exists()  # the first one's control socket survived
+        assert d.snapshot().state == "serving"

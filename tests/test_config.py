@@ -52,6 +52,8 @@ def test_no_file_gives_defaults() -> None:
         ),
         ({"daemon": {"log_level": "loud"}}, "daemon.log_level: expected one of debug, info, warning, error"),
         ({"server": {"default_timeout_s": 20.0}}, "server.default_timeout_s: expected a number > 0 and <="),
+        ({"server": {"timeout_cap_s": float("inf")}}, "server.timeout_cap_s: expected a finite number, got inf"),
+        ({"engine": {"warmup_batch_sizes": []}}, "engine.warmup_batch_sizes: expected a non-empty list"),
     ],
 )
 def test_bad_values_name_the_key(data: dict, message: str) -> None:
