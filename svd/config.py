@@ -273,6 +273,9 @@ def _validated(cfg: Config) -> Config:
         section = getattr(cfg, f.name)
         if hasattr(section, "validate"):
             section.validate()
+    if cfg.auth.mode == "online" and cfg.chain.advertise_ip:
+        port = cfg.chain.advertise_port or cfg.server.port
+        _check(port > 0, "chain.advertise_port", "the public port (server.port is 0)", port)
     return cfg
 
 

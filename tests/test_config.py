@@ -54,6 +54,10 @@ def test_no_file_gives_defaults() -> None:
         ({"server": {"default_timeout_s": 20.0}}, "server.default_timeout_s: expected a number > 0 and <="),
         ({"server": {"timeout_cap_s": float("inf")}}, "server.timeout_cap_s: expected a finite number, got inf"),
         ({"engine": {"warmup_batch_sizes": []}}, "engine.warmup_batch_sizes: expected a non-empty list"),
+        (
+            {"auth": {"mode": "online"}, "server": {"port": 0}, "chain": {"advertise_ip": "203.0.113.7"}},
+            "chain.advertise_port: expected the public port",
+        ),
     ],
 )
 def test_bad_values_name_the_key(data: dict, message: str) -> None:
