@@ -1,4 +1,4 @@
-"""`svd run|status|build-engine|bench`: the only place that exits the process."""
+"""`svd run|status|swap|rollback|build-engine|bench`: the only place that exits the process."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from svd.logs import setup_logging
 
 log = structlog.get_logger(__name__)
 DEFAULT_CONFIG = Path("config.toml")
+SWAP_TIMEOUT_S = 600.0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,6 +42,13 @@ def _parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="show the running daemon's status")
     status.add_argument("--json", action="store_true", help="print the raw snapshot as JSON")
     status.set_defaults(func=_status)
+
+    swap = sub.add_parser("swap", help="serve engines/NAME now and pin it (no automatic swaps)")
+    swap.add_argument("name", help="engine directory name in engines/")
+    swap.set_defaults(func=_swap)
+
+    rollback = sub.add_parser("rollback", help="serve the engine created before the serving one, and pin it")
+    rollback.set_defaults(func=_rollback)
 
     build = sub.add_parser("build-engine", help="build an engine directory into engines/")
     build.add_argument("--demo", action="store_true", help="tiny random DINOv3 backbone and head (no download)")
@@ -83,6 +91,30 @@ def _status(args: argparse.Namespace, cfg: Config) -> int:
         print(f"svd: no daemon answers on {cfg.socket_path}: {e}", file=sys.stderr)
         return 1
     print(json.dumps(snapshot, indent=2) if args.json else render_table(snapshot))
+    return 0
+
+
+def _swap(args: argparse.Namespace, cfg: Config) -> int:
+    return _engine_command(cfg, "swap", name=args.name)
+
+
+def _rollback(args: argparse.Namespace, cfg: Config) -> int:
+    return _engine_command(cfg, "rollback")
+
+
+def _engine_command(cfg: Config, cmd: str, **request: str) -> int:
+    from svd.control import call
+
+    try:
+        # Loading, warming up and checking an engine can take a while on a big backbone.
+        engine = call(cfg.socket_path, cmd, timeout=SWAP_TIMEOUT_S, **request)
+    except RuntimeError as e:
+        print(f"svd: {cmd} refused: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"svd: no daemon answers on {cfg.socket_path}: {e}", file=sys.stderr)
+        return 1
+    print(f"serving {engine['name']} v{engine['version']} (pinned)")
     return 0
 
 

@@ -152,6 +152,9 @@ class EngineConfig:
     threads: int = 0
     build_demo_if_empty: bool = True
     warmup_batch_sizes: tuple[int, ...] = (1, 16)
+    # Hot swap: serve a newer engine renamed into `dir` (see docs/engine-format.md).
+    watch: bool = True
+    watch_debounce_ms: int = 500
 
     def validate(self) -> None:
         backends = ("auto", "onnx", "torch")
@@ -162,6 +165,12 @@ class EngineConfig:
             "engine.warmup_batch_sizes",
             "a non-empty list of integers 1..1024",
             self.warmup_batch_sizes,
+        )
+        _check(
+            10 <= self.watch_debounce_ms <= 60_000,
+            "engine.watch_debounce_ms",
+            "an integer 10..60000",
+            self.watch_debounce_ms,
         )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import os
 from collections.abc import Callable
@@ -16,12 +17,17 @@ MAX_LINE = 64 * 1024
 Handler = Callable[[dict[str, Any]], Any]
 
 
+class CommandError(Exception):
+    """A handler's expected refusal: the client gets the message, the log no traceback."""
+
+
 class ControlServer:
     """Serves commands from `svd status` and friends.
 
     Args:
         path: socket path; a stale socket file from a crash is replaced.
-        commands: name -> handler(request dict) returning a JSON-able result.
+        commands: name -> handler(request dict) returning a JSON-able result,
+            or an awaitable of one (awaited; slow commands hold only their connection).
     """
 
     def __init__(self, path: Path, commands: dict[str, Handler]) -> None:
@@ -50,7 +56,7 @@ class ControlServer:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             line = await reader.readline()
-            reply = self._dispatch(line)
+            reply = await self._dispatch(line)
             writer.write(json.dumps(reply).encode() + b"\n")
             await writer.drain()
         except (ConnectionError, ValueError, asyncio.LimitOverrunError) as e:
@@ -58,14 +64,20 @@ class ControlServer:
         finally:
             writer.close()
 
-    def _dispatch(self, line: bytes) -> dict[str, Any]:
+    async def _dispatch(self, line: bytes) -> dict[str, Any]:
         try:
             request = json.loads(line)
             handler = self._commands[request["cmd"]]
         except (ValueError, TypeError, KeyError):
             return {"ok": False, "error": f"expected a JSON line with cmd in {sorted(self._commands)}"}
         try:
-            return {"ok": True, "result": handler(request)}
+            result = handler(request)
+            if inspect.isawaitable(result):
+                result = await result
+            return {"ok": True, "result": result}
+        except CommandError as e:
+            log.info("control_command_refused", cmd=request["cmd"], error=str(e))
+            return {"ok": False, "error": str(e)}
         except Exception as e:
             log.exception("control_command_failed", cmd=request["cmd"])
             return {"ok": False, "error": f"{type(e).__name__}: {e}"}

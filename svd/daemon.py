@@ -2,7 +2,7 @@
 
 run() -> serve() -> startup() / main_loop() / shutdown(). Startup order:
 state dir -> hotkey -> engine (built on first start) -> batcher -> control
-socket -> listener -> READY=1. Shutdown undoes it in reverse, bounded.
+socket -> listener -> engine watcher -> READY=1. Shutdown undoes it in reverse, bounded.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from svd.control import ControlServer
 from svd.decode import DecodeLimits
 from svd.engine import Engine, load_engine, newest_engine
 from svd.errors import ShuttingDown
+from svd.hotswap import EngineWatcher, HotSwap
 from svd.notify import Notifier
 from svd.server import Frontend
 from svd.status import Stats, StatusSnapshot
@@ -81,6 +82,8 @@ class Daemon:
         self.decoder = ThreadPoolExecutor(max_workers=cfg.decode.threads, thread_name_prefix="svd-decode")
         self.engine: Engine | None = None
         self.batcher: Batcher | None = None
+        self.hotswap: HotSwap | None = None
+        self._watcher: EngineWatcher | None = None
         self.frontend: Frontend | None = None
         self._runner: web.AppRunner | None = None
         self._control: ControlServer | None = None
@@ -122,9 +125,14 @@ class Daemon:
             stats=self.stats,
         )
         self.spawn("batcher", self.batcher.run())
-        self._control = ControlServer(cfg.socket_path, {"status": lambda _: self.snapshot().to_dict()})
+        self.hotswap = HotSwap(self.engine, self.batcher, self.worker, cfg.engine, cfg.engines_dir, self._swapped)
+        commands = {"status": lambda _: self.snapshot().to_dict(), **self.hotswap.commands()}
+        self._control = ControlServer(cfg.socket_path, commands)
         await self._control.start()
         await self._start_listener(hotkey.ss58_address)
+        if cfg.engine.watch:
+            self._watcher = EngineWatcher(self.hotswap, cfg.engines_dir, cfg.engine.watch_debounce_ms)
+            self.spawn("engine_watcher", self._watcher.run())
         self.spawn("health", self._health_loop())
         self.state = "serving"
         self.started.set()
@@ -151,6 +159,8 @@ class Daemon:
                 await _bounded(drain, "listener")
         if self.batcher is not None:
             self.batcher.close(ShuttingDown("miner is shutting down"))
+        if self._watcher is not None:
+            self._watcher.stop()
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
@@ -185,6 +195,9 @@ class Daemon:
         task.add_done_callback(self._on_task_done)
         return task
 
+    def _swapped(self, engine: Engine) -> None:
+        self.engine = engine  # shutdown closes whichever engine serves last
+
     def _on_task_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
         if task.cancelled() or self.should_exit.is_set():
@@ -195,7 +208,7 @@ class Daemon:
         self.should_exit.set()
 
     def snapshot(self) -> StatusSnapshot:
-        s, b, e = self.stats, self.batcher, self.engine
+        s, b, h = self.stats, self.batcher, self.hotswap
         errored = self.errored or (b.errored if b else None)
         return StatusSnapshot(
             version=__version__,
@@ -206,7 +219,7 @@ class Daemon:
             hotkey=self._hotkey,
             listen=f"{self.cfg.server.host}:{self.port}",
             chain=self._chain_status(),
-            engine={"name": e.name, "version": e.version, "backend": e.backend_name, "path": str(e.path)} if e else {},
+            engine=h.status() if h else {},
             served=s.served,
             refused=dict(s.refused),
             failed=dict(s.failed),

@@ -95,7 +95,7 @@ def render_table(s: dict[str, Any]) -> str:
         ("hotkey", s["hotkey"]),
         ("listening", s["listen"]),
         ("chain", _chain(s["chain"])),
-        ("engine", f"{engine.get('name')} v{engine.get('version')} on {engine.get('backend')}"),
+        ("engine", _engine(engine)),
         ("served", str(s["served"])),
         ("refused", _counts(s["refused"])),
         ("failed", _counts(s["failed"])),
@@ -107,6 +107,16 @@ def render_table(s: dict[str, Any]) -> str:
     ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
+
+
+def _engine(e: dict[str, Any]) -> str:
+    line = f"{e.get('name')} v{e.get('version')} on {e.get('backend')}"
+    line += f"{' (pinned)' if e.get('pinned') else ''}, swaps {e.get('swaps', 0)}"
+    refusal = e.get("last_refusal")
+    if refusal:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(refusal["time"]))
+        line += "\n" + " " * 19 + f"last refused: {refusal['name']} at {when}: {refusal['error']}"
+    return line
 
 
 def _chain(c: dict[str, Any]) -> str:

@@ -26,6 +26,7 @@ def test_no_file_gives_defaults() -> None:
     ("data", "message"),
     [
         ({"server": {"port": 70000}}, "server.port: expected an integer 0..65535, got 70000"),
+        ({"engine": {"watch_debounce_ms": 0}}, "engine.watch_debounce_ms: expected an integer 10..60000, got 0"),
         ({"server": {"port": "8091"}}, "server.port: expected an integer, got a string"),
         ({"server": {"port": True}}, "server.port: expected an integer, got a boolean"),
         ({"server": {"prot": 1}}, "server.prot: unknown key (did you mean server.port?)"),

@@ -1,0 +1,238 @@
+"""Engine hot swap: verify, load and warm up beside the serving engine, canary, swap.
+
+`HotSwap` owns which engine serves: it loads a candidate on the engine worker
+thread (so loading is serialised with inference), checks it on fixed canary
+images, then assigns `batcher.engine` on the event loop, which takes effect
+between two batches, and closes the old engine on the worker afterwards (the
+worker is FIFO, so a batch already handed to the old engine finishes first).
+`EngineWatcher` feeds it engine directories renamed into `engines/`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import structlog
+from watchfiles import Change, awatch
+
+from svd.batcher import Batcher
+from svd.config import EngineConfig
+from svd.control import CommandError
+from svd.engine import SERVED_SHAPE, Engine, EngineError, list_engines, load_engine
+from svd.manifest import TEMP_PREFIX, read_manifest, verify_engine_dir
+
+log = structlog.get_logger(__name__)
+CANARY_IMAGES = 4
+CANARY_SEED = 20240601
+
+
+class SwapRefused(CommandError):
+    """A swap or rollback command could not be done; the serving engine is unchanged."""
+
+
+@dataclass(frozen=True)
+class Refusal:
+    name: str
+    error: str
+    time: float
+
+
+def canary_images(n: int = CANARY_IMAGES) -> np.ndarray:
+    """Fixed pseudo-random images, the same in every process and run."""
+    return np.random.default_rng(CANARY_SEED).integers(0, 256, (n, *SERVED_SHAPE), dtype=np.uint8)
+
+
+def canary_check(engine: Engine) -> None:
+    """Raises EngineError unless the engine gives one finite probability in [0, 1] per canary image."""
+    images = canary_images()
+    probs = np.asarray(engine.infer(images).probs, dtype=np.float64).reshape(-1)
+    if probs.shape != (len(images),) or not np.all((probs >= 0.0) & (probs <= 1.0)):
+        raise EngineError(f"engine {engine.name}: canary gave {probs.tolist()}, want {len(images)} values in [0, 1]")
+
+
+def _order(path: Path) -> tuple[datetime, str]:
+    """newest_engine()'s order: manifest created time, then name."""
+    return read_manifest(path).created, path.name
+
+
+def _serving_order(engine: Engine) -> tuple[datetime, str]:
+    return engine.manifest.created, engine.path.name
+
+
+class HotSwap:
+    """Which engine serves, and the swaps between engines.
+
+    Args:
+        engine: the engine serving now (already in the batcher).
+        batcher: its `engine` attribute is what serves.
+        worker: the engine worker thread's executor.
+        cfg: backend, threads and warm-up sizes for loading; a set `name` pins.
+        engines_dir: where engine directories live.
+        on_swap: told the new engine after each swap (the daemon keeps a reference).
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        batcher: Batcher,
+        worker: Executor,
+        cfg: EngineConfig,
+        engines_dir: Path,
+        on_swap: Callable[[Engine], None] = lambda _: None,
+    ) -> None:
+        self.serving = engine
+        self._batcher = batcher
+        self._worker = worker
+        self._cfg = cfg
+        self._dir = engines_dir
+        self._on_swap = on_swap
+        self.pinned = bool(cfg.name)
+        self.swaps = 0
+        self.last_refusal: Refusal | None = None
+        # One swap at a time, whether from the watcher or a command.
+        self._lock = asyncio.Lock()
+
+    def status(self) -> dict[str, Any]:
+        e, r = self.serving, self.last_refusal
+        return {
+            "name": e.name,
+            "version": e.version,
+            "backend": e.backend_name,
+            "path": str(e.path),
+            "created": e.manifest.created.isoformat(),
+            "pinned": self.pinned,
+            "swaps": self.swaps,
+            "last_refusal": {"name": r.name, "error": r.error, "time": r.time} if r else None,
+        }
+
+    def commands(self) -> dict[str, Callable[[dict[str, Any]], Any]]:
+        """Control socket handlers: `swap` (name) and `rollback`."""
+        return {"swap": lambda req: self.swap_to(str(req.get("name", ""))), "rollback": lambda _: self.rollback()}
+
+    async def offer(self, path: Path) -> bool:
+        """A new directory appeared: serve it if it is good and newer than the serving one, unless pinned."""
+        async with self._lock:
+            try:
+                await asyncio.to_thread(verify_engine_dir, path)  # hashing stays off the engine worker
+            except EngineError as e:
+                self._refuse(path.name, e)
+                return False
+            if self.pinned or _order(path) <= _serving_order(self.serving):
+                log.info("engine_not_swapped", name=path.name, serving=self.serving.name, pinned=self.pinned)
+                return False
+            return await self._swap(path)
+
+    async def swap_to(self, name: str) -> dict[str, Any]:
+        """Pin and serve engines/<name>; raises SwapRefused if it is missing or bad."""
+        path = self._dir / name
+        if not name or path not in list_engines(self._dir):
+            raise SwapRefused(f"no engine {name!r} in {self._dir}")
+        async with self._lock:
+            if path != self.serving.path and not await self._swap(path):
+                raise SwapRefused(f"engine {name!r} refused: {self.last_refusal.error if self.last_refusal else '?'}")
+            self.pinned = True
+            return self.status()
+
+    async def rollback(self) -> dict[str, Any]:
+        """Pin and serve the newest engine older than the serving one."""
+        async with self._lock:
+            current = _serving_order(self.serving)
+            older = sorted((o, p) for p in list_engines(self._dir) if (o := _safe_order(p)) and o < current)
+            if not older:
+                raise SwapRefused(f"no engine older than {self.serving.name} in {self._dir}")
+            path = older[-1][1]
+            if not await self._swap(path):
+                raise SwapRefused(
+                    f"engine {path.name!r} refused: {self.last_refusal.error if self.last_refusal else '?'}"
+                )
+            self.pinned = True
+            return self.status()
+
+    async def _swap(self, path: Path) -> bool:
+        """Load, warm up and canary on the worker, then swap. Caller holds the lock."""
+        loop = asyncio.get_running_loop()
+        try:
+            new = await loop.run_in_executor(self._worker, self._prepare, path)
+        except Exception as e:  # a bad engine raises anything from ONNX Runtime, torch or safetensors
+            self._refuse(path.name, e)
+            return False
+        old = self.serving
+        # On the loop, between batches: the batcher reads this once per batch.
+        self._batcher.engine = new
+        self.serving = new
+        self.swaps += 1
+        self._on_swap(new)
+        log.info("engine_swapped", name=new.name, version=new.version, previous=old.name, swaps=self.swaps)
+        await loop.run_in_executor(self._worker, old.close)
+        return True
+
+    def _prepare(self, path: Path) -> Engine:
+        """Runs on the worker thread; the new engine is closed again if any check fails."""
+        engine = load_engine(path, backend=self._cfg.backend, threads=self._cfg.threads)
+        try:
+            engine.warmup(self._cfg.warmup_batch_sizes)
+            canary_check(engine)
+        except BaseException:
+            engine.close()
+            raise
+        return engine
+
+    def _refuse(self, name: str, error: BaseException) -> None:
+        text = str(error) or repr(error)
+        self.last_refusal = Refusal(name, text, round(time.time(), 3))
+        log.error("engine_refused", name=name, error=text, serving=self.serving.name)
+
+
+def _safe_order(path: Path) -> tuple[datetime, str] | None:
+    try:
+        return _order(path)
+    except EngineError:
+        return None
+
+
+class EngineWatcher:
+    """Offers each directory renamed into `engines/` to HotSwap.
+
+    Dot-named entries are writers' temp dirs and are ignored; so is anything
+    deeper than `engines/` itself (recursive=False): a writer renames a whole
+    directory into place, and that rename is the one event that counts.
+    """
+
+    def __init__(self, hotswap: HotSwap, engines_dir: Path, debounce_ms: int) -> None:
+        self._hotswap = hotswap
+        self._dir = engines_dir
+        self._debounce_ms = debounce_ms
+        self._stop = asyncio.Event()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def run(self) -> None:
+        """Watch until stop(); one bad engine never ends the loop."""
+        self._dir.mkdir(parents=True, exist_ok=True)
+        log.info("engine_watch_started", dir=str(self._dir), debounce_ms=self._debounce_ms)
+        async for changes in awatch(
+            self._dir,
+            watch_filter=_renamed_in,
+            debounce=self._debounce_ms,
+            stop_event=self._stop,
+            recursive=False,
+        ):
+            names = sorted({Path(p).name for _, p in changes})
+            for name in names:
+                path = self._dir / name
+                if path.is_dir():
+                    await self._hotswap.offer(path)
+        log.info("engine_watch_stopped")
+
+
+def _renamed_in(change: Change, path: str) -> bool:
+    return change == Change.added and not Path(path).name.startswith(TEMP_PREFIX)

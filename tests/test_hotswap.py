@@ -1,0 +1,187 @@
+"""Hot swap through a running daemon: real watchfiles events, real engines, signed queries."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import time
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file, save
+
+from svd.config import Config
+from svd.control import call
+from svd.manifest import BACKBONE_ONNX, HEAD, MANIFEST_NAME, InputSpec, read_manifest, utc_now, write_engine_dir
+from tests.helpers import make_config, running_daemon
+from tests.test_server import query
+
+WAIT_S = 20.0
+
+
+def copy_engine(source: Path, engines: Path, name: str, age_s: float = 0.0, **edits: Any) -> Path:
+    """A new engine dir from `source`'s parts, renamed into place like any writer does.
+
+    edits: Manifest fields to change, or `parts` overrides as {file: bytes}.
+    """
+    manifest = read_manifest(source)
+    parts: dict[str, Path | bytes] = {part: source / part for part in manifest.parts}
+    parts.update(edits.pop("parts", {}))
+    created = utc_now() - timedelta(seconds=age_s)
+    write_engine_dir(engines / name, dataclasses.replace(manifest, name=name, created=created, **edits), parts)
+    return engines / name
+
+
+def rename_in(staging: Path, engines: Path) -> None:
+    os.rename(staging, engines / staging.name)
+
+
+async def status(cfg: Config) -> dict[str, Any]:
+    result: dict[str, Any] = await asyncio.to_thread(call, cfg.socket_path, "status")
+    return result
+
+
+async def command(cfg: Config, cmd: str, **args: str) -> dict[str, Any]:
+    result: dict[str, Any] = await asyncio.to_thread(call, cfg.socket_path, cmd, 60.0, **args)
+    return result
+
+
+async def wait_for(cfg: Config, ok: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
+    """Poll `svd status` until ok(engine field) holds, up to WAIT_S."""
+    deadline = time.monotonic() + WAIT_S
+    while True:
+        engine: dict[str, Any] = (await status(cfg))["engine"]
+        if ok(engine):
+            return engine
+        assert time.monotonic() < deadline, f"status never changed as expected: {engine}"
+        await asyncio.sleep(0.05)
+
+
+def refused(name: str) -> Callable[[dict[str, Any]], bool]:
+    return lambda e: (e["last_refusal"] or {}).get("name") == name
+
+
+async def query_loop(port: int, miner: str, image: str, stop: asyncio.Event) -> list[int]:
+    codes = []
+    while not stop.is_set():
+        codes.append((await query(port, miner, image))[0])
+    return codes
+
+
+@pytest.fixture
+def cfg(tmp_path: Path, tiny_engine: Path) -> Config:
+    base = make_config(tmp_path, tiny_engine)  # its `engine` argument is the engine to copy
+    return dataclasses.replace(base, engine=dataclasses.replace(base.engine, watch_debounce_ms=50))
+
+
+async def test_newer_engine_is_swapped_in_without_failing_a_query(cfg: Config, jpegs_b64: list[str]) -> None:
+    async with running_daemon(cfg) as d:
+        miner = d.snapshot().hotkey
+        stop = asyncio.Event()
+        load = [asyncio.create_task(query_loop(d.port, miner, j, stop)) for j in jpegs_b64[:4]]
+        await asyncio.sleep(0)
+        await asyncio.to_thread(copy_engine, cfg.engines_dir / "tiny", cfg.engines_dir, "newer")
+        engine = await wait_for(cfg, lambda e: e["name"] == "newer")
+        # A few more rounds on the new engine before stopping the load.
+        served, deadline = d.snapshot().served, time.monotonic() + WAIT_S
+        while d.snapshot().served < served + 8 and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        stop.set()
+        codes = [c for task in load for c in await task]
+        assert codes and set(codes) == {200}
+        assert engine["swaps"] == 1 and engine["pinned"] is False and engine["last_refusal"] is None
+        assert d.engine is d.batcher.engine and d.engine.name == "newer"  # type: ignore[union-attr]
+        assert (cfg.engines_dir / "tiny").is_dir()  # old engines stay for rollback
+
+
+def _nan_head(tiny: Path) -> bytes:
+    state = load_file(str(tiny / HEAD))
+    key = next(k for k in state if k.endswith("weight"))
+    state[key] = torch.full_like(state[key], float("nan"))
+    return save(state)
+
+
+def _staged(tiny: Path, staging: Path, name: str, fault: Callable[[Path], None]) -> Callable[[], None]:
+    def write() -> None:
+        fault(copy_engine(tiny, staging, name))
+        rename_in(staging / name, tiny.parent)
+
+    return write
+
+
+async def test_bad_engines_are_refused_and_the_old_one_keeps_serving(cfg: Config, jpegs_b64: list[str]) -> None:
+    tiny, engines, staging = cfg.engines_dir / "tiny", cfg.engines_dir, cfg.base_dir / "staging"
+    onnx = (tiny / BACKBONE_ONNX).read_bytes()
+    bad: list[tuple[str, Callable[[], Any], str]] = [
+        ("broken-manifest", _staged(tiny, staging, "broken-manifest", _write_garbage_manifest), "manifest"),
+        ("flipped-byte", _staged(tiny, staging, "flipped-byte", _flip_head_byte), "sha256 mismatch"),
+        ("big-input", lambda: copy_engine(tiny, engines, "big-input", input=InputSpec(height=256)), "input spec"),
+        ("cut-onnx", lambda: copy_engine(tiny, engines, "cut-onnx", parts={BACKBONE_ONNX: onnx[:1000]}), "ONNX"),
+        ("nan-head", lambda: copy_engine(tiny, engines, "nan-head", parts={HEAD: _nan_head(tiny)}), "[0, 1]"),
+    ]
+    async with running_daemon(cfg) as d:
+        miner = d.snapshot().hotkey
+        for name, write, why in bad:
+            await asyncio.to_thread(write)
+            engine = await wait_for(cfg, refused(name))
+            assert why in engine["last_refusal"]["error"]
+            assert engine["name"] == "tiny" and engine["swaps"] == 0
+            assert (await query(d.port, miner, jpegs_b64[0]))[0] == 200
+
+
+def _write_garbage_manifest(engine: Path) -> None:
+    (engine / MANIFEST_NAME).write_text("{not json")
+
+
+def _flip_head_byte(engine: Path) -> None:
+    data = bytearray((engine / HEAD).read_bytes())
+    data[-1] ^= 0xFF
+    (engine / HEAD).write_bytes(bytes(data))
+
+
+async def test_rollback_and_pinned_swap(cfg: Config, jpegs_b64: list[str]) -> None:
+    tiny = cfg.engines_dir / "tiny"
+    copy_engine(tiny, cfg.engines_dir, "mid", age_s=2)
+    copy_engine(tiny, cfg.engines_dir, "new", age_s=1)
+    async with running_daemon(cfg) as d:
+        miner = d.snapshot().hotkey
+        assert (await status(cfg))["engine"]["name"] == "new"
+        for expected in ("mid", "tiny"):
+            engine = await command(cfg, "rollback")
+            assert engine["name"] == expected and engine["pinned"] is True
+            assert (await query(d.port, miner, jpegs_b64[0]))[0] == 200
+        with pytest.raises(RuntimeError, match="no engine older than tiny"):
+            await command(cfg, "rollback")
+        engine = await command(cfg, "swap", name="mid")
+        assert engine["name"] == "mid" and engine["pinned"] is True and engine["swaps"] == 3
+        with pytest.raises(RuntimeError, match="no engine 'nope'"):
+            await command(cfg, "swap", name="nope")
+        # Pinned: a newer good engine is not swapped in. Events are handled in order,
+        # so once the bad one after it is refused, the good one has been seen.
+        await asyncio.to_thread(copy_engine, tiny, cfg.engines_dir, "newest")
+        await asyncio.to_thread(copy_engine, tiny, cfg.engines_dir, "zz-bad", input=InputSpec(width=100))
+        engine = await wait_for(cfg, refused("zz-bad"))
+        assert engine["name"] == "mid" and engine["swaps"] == 3
+        assert (await query(d.port, miner, jpegs_b64[0]))[0] == 200
+
+
+async def test_swap_to_a_bad_engine_is_refused(cfg: Config) -> None:
+    copy_engine(cfg.engines_dir / "tiny", cfg.engines_dir, "old-bad", age_s=60, input=InputSpec(channels=1))
+    async with running_daemon(cfg):
+        with pytest.raises(RuntimeError, match="engine 'old-bad' refused"):
+            await command(cfg, "swap", name="old-bad")
+        engine = (await status(cfg))["engine"]
+        assert engine["name"] == "tiny" and engine["pinned"] is False
+        assert engine["last_refusal"]["name"] == "old-bad"
+
+
+def test_cli_swap_without_a_daemon_says_so(cfg: Config, capsys: pytest.CaptureFixture[str]) -> None:
+    from svd.cli import _engine_command
+
+    assert _engine_command(cfg, "rollback") == 1
+    assert "no daemon answers" in capsys.readouterr().err
