@@ -128,7 +128,8 @@ class Batcher:
 
     @property
     def depth(self) -> int:
-        return len(self._queue)
+        """Queued requests whose callers still wait."""
+        return sum(1 for item in self._queue if not item.future.done())
 
     def submit(self, image: np.ndarray, stake: float, deadline: float) -> asyncio.Future[Prediction]:
         """Queue one decoded image; the Future resolves to its Prediction."""
@@ -136,10 +137,20 @@ class Batcher:
             raise self._closed
         item = Item((-stake, deadline, next(self._seq)), image, deadline, asyncio.get_running_loop().create_future())
         if len(self._queue) >= self._max_queue:
+            self._purge_abandoned()
+        if len(self._queue) >= self._max_queue:
             self._shed(item)
         heapq.heappush(self._queue, item)
         self._wakeup.set()
         return item.future
+
+    def _purge_abandoned(self) -> None:
+        # Callers that gave up (timeout, disconnect) leave done futures in the heap
+        # until popped; they must not count against the bound or be shed instead of live ones.
+        live = [item for item in self._queue if not item.future.done()]
+        if len(live) < len(self._queue):
+            self._queue = live
+            heapq.heapify(self._queue)
 
     def _shed(self, newcomer: Item) -> None:
         # Full: the least valuable request goes, the newcomer if it is the least.

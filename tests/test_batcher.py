@@ -221,3 +221,17 @@ async def test_a_pessimistic_batch_estimate_cannot_turn_everything_away(worker: 
         pytest.fail(f"still refusing with batch_s={b.batch_s}")
     assert b.batch_s < 1.0
     await stop(task)
+
+
+async def test_abandoned_requests_do_not_count_against_the_queue_bound(worker: ThreadPoolExecutor) -> None:
+    b = Batcher(FakeEngine(latency_s=0.05), worker, max_batch=1, max_queue=3)
+    task = await started(b)
+    busy = b.submit(image(0), 1.0, FAR)
+    await asyncio.sleep(0.01)
+    gone = [b.submit(image(i), 1.0, FAR) for i in (1, 2, 3)]
+    for f in gone:
+        f.cancel()  # their callers timed out or hung up
+    assert b.depth == 0
+    live = [b.submit(image(i), 1.0, FAR) for i in (4, 5, 6)]  # room again, nothing shed
+    assert [round(p.prob * 255) for p in await asyncio.gather(busy, *live)] == [0, 4, 5, 6]
+    await stop(task)
