@@ -86,8 +86,6 @@ class ChainSource(Protocol):
 
     def fetch(self, netuid: int) -> ChainSnapshot: ...
 
-    def published_axon(self, netuid: int, hotkey: str) -> str | None: ...
-
     def serve_axon(self, netuid: int, ip: str, port: int, keypair: Any) -> None: ...
 
 
@@ -103,9 +101,6 @@ class OfflineSource:
             for i, (hk, stake) in enumerate(self._stakes.items())
         }
         return ChainSnapshot(netuid=netuid, block=0, fetched_at=time.time(), neurons=neurons)
-
-    def published_axon(self, netuid: int, hotkey: str) -> str | None:
-        return None
 
     def serve_axon(self, netuid: int, ip: str, port: int, keypair: Any) -> None:
         raise ChainError("offline mode does not publish an axon")
@@ -167,16 +162,6 @@ class Bittensor11Source:
             return snapshot_from_metagraph(netuid, metagraph)
         except (AttributeError, TypeError, ValueError) as e:  # an SDK whose shapes moved
             raise ChainError(f"unexpected metagraph shape: {e!r}") from e
-
-    def published_axon(self, netuid: int, hotkey: str) -> str | None:
-        import ipaddress
-
-        import bittensor as bt
-
-        info = self._call(lambda c: c.query(bt.storage.SubtensorModule.Axons, [netuid, hotkey]))
-        if not info or not info.get("ip"):
-            return None
-        return f"{ipaddress.ip_address(int(info['ip']))}:{int(info['port'])}"
 
     def serve_axon(self, netuid: int, ip: str, port: int, keypair: Any) -> None:
         import bittensor as bt

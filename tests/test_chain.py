@@ -87,9 +87,6 @@ class FakeChain:
         self.block += 25
         return snapshot_from_metagraph(netuid, metagraph(self.block, self.miner, self.miner_axon))
 
-    def published_axon(self, netuid: int, hotkey: str) -> str | None:
-        return self.miner_axon
-
     def serve_axon(self, netuid: int, ip: str, port: int, keypair: Any) -> None:
         assert keypair.ss58_address == self.miner  # signed by the hotkey alone
         self.served.append((ip, port))
