@@ -135,18 +135,21 @@ def _load_head(path: Path, feature_dim: int) -> Head:
     return head
 
 
-def load_engine(path: Path, backend: str = "auto", threads: int = 0) -> Engine:
+def load_engine(path: Path, backend: str = "auto", threads: int = 0, manifest: Manifest | None = None) -> Engine:
     """Verifies an engine directory and loads its backbone backend and head.
 
     Args:
         path: the engine directory (holding manifest.json).
         backend: "auto", "tensorrt", "onnx" or "torch"; see select_backend().
         threads: CPU threads for the backend and torch; 0 keeps runtime defaults.
+        manifest: the result of verify_engine_dir(path) when the caller already ran it
+            (hashing a large backbone takes seconds; hot swap does it off the engine thread).
 
     Raises:
         EngineError: the directory fails verification or no backend can load it.
     """
-    manifest = verify_engine_dir(path)
+    if manifest is None:
+        manifest = verify_engine_dir(path)
     if threads > 0:
         torch.set_num_threads(threads)
     head = _load_head(path / HEAD, manifest.feature_dim)

@@ -27,7 +27,7 @@ from svd.batcher import Batcher
 from svd.config import EngineConfig
 from svd.control import CommandError
 from svd.engine import SERVED_SHAPE, Engine, EngineError, list_engines, load_engine
-from svd.manifest import TEMP_PREFIX, read_manifest, verify_engine_dir
+from svd.manifest import TEMP_PREFIX, Manifest, read_manifest, verify_engine_dir
 
 log = structlog.get_logger(__name__)
 CANARY_IMAGES = 4
@@ -51,11 +51,12 @@ def canary_images(n: int = CANARY_IMAGES) -> np.ndarray:
 
 
 def canary_check(engine: Engine) -> None:
-    """Raises EngineError unless the engine gives one finite probability in [0, 1] per canary image."""
-    images = canary_images()
-    probs = np.asarray(engine.infer(images).probs, dtype=np.float64).reshape(-1)
-    if probs.shape != (len(images),) or not np.all((probs >= 0.0) & (probs <= 1.0)):
-        raise EngineError(f"engine {engine.name}: canary gave {probs.tolist()}, want {len(images)} values in [0, 1]")
+    """Raises EngineOutputError unless the engine gives one finite probability in [0, 1] per canary image.
+
+    Engine.infer() itself checks shapes, finiteness and range; the canary only feeds it
+    varied, fixed images (warm-up feeds blank ones).
+    """
+    engine.infer(canary_images())
 
 
 def _order(path: Path) -> tuple[datetime, str]:
@@ -120,15 +121,13 @@ class HotSwap:
     async def offer(self, path: Path) -> bool:
         """A new directory appeared: serve it if it is good and newer than the serving one, unless pinned."""
         async with self._lock:
-            try:
-                await asyncio.to_thread(verify_engine_dir, path)  # hashing stays off the engine worker
-            except EngineError as e:
-                self._refuse(path.name, e)
+            manifest = await self._verified(path)
+            if manifest is None:
                 return False
-            if self.pinned or _order(path) <= _serving_order(self.serving):
+            if self.pinned or (manifest.created, path.name) <= _serving_order(self.serving):
                 log.info("engine_not_swapped", name=path.name, serving=self.serving.name, pinned=self.pinned)
                 return False
-            return await self._swap(path)
+            return await self._swap(path, manifest)
 
     async def swap_to(self, name: str) -> dict[str, Any]:
         """Pin and serve engines/<name>; raises SwapRefused if it is missing or bad."""
@@ -136,7 +135,7 @@ class HotSwap:
         if not name or path not in list_engines(self._dir):
             raise SwapRefused(f"no engine {name!r} in {self._dir}")
         async with self._lock:
-            if path != self.serving.path and not await self._swap(path):
+            if path != self.serving.path and not await self._verify_and_swap(path):
                 raise SwapRefused(f"engine {name!r} refused: {self.last_refusal.error if self.last_refusal else '?'}")
             self.pinned = True
             return self.status()
@@ -149,18 +148,31 @@ class HotSwap:
             if not older:
                 raise SwapRefused(f"no engine older than {self.serving.name} in {self._dir}")
             path = older[-1][1]
-            if not await self._swap(path):
+            if not await self._verify_and_swap(path):
                 raise SwapRefused(
                     f"engine {path.name!r} refused: {self.last_refusal.error if self.last_refusal else '?'}"
                 )
             self.pinned = True
             return self.status()
 
-    async def _swap(self, path: Path) -> bool:
+    async def _verified(self, path: Path) -> Manifest | None:
+        """Hashes and manifest checked in a thread of its own: hashing a large backbone takes
+        seconds, which on the engine worker would stall inference. None (and a refusal) if bad."""
+        try:
+            return await asyncio.to_thread(verify_engine_dir, path)
+        except EngineError as e:
+            self._refuse(path.name, e)
+            return None
+
+    async def _verify_and_swap(self, path: Path) -> bool:
+        manifest = await self._verified(path)
+        return manifest is not None and await self._swap(path, manifest)
+
+    async def _swap(self, path: Path, manifest: Manifest) -> bool:
         """Load, warm up and canary on the worker, then swap. Caller holds the lock."""
         loop = asyncio.get_running_loop()
         try:
-            new = await loop.run_in_executor(self._worker, self._prepare, path)
+            new = await loop.run_in_executor(self._worker, self._prepare, path, manifest)
         except Exception as e:  # a bad engine raises anything from ONNX Runtime, torch or safetensors
             self._refuse(path.name, e)
             return False
@@ -174,9 +186,9 @@ class HotSwap:
         await loop.run_in_executor(self._worker, old.close)
         return True
 
-    def _prepare(self, path: Path) -> Engine:
+    def _prepare(self, path: Path, manifest: Manifest) -> Engine:
         """Runs on the worker thread; the new engine is closed again if any check fails."""
-        engine = load_engine(path, backend=self._cfg.backend, threads=self._cfg.threads)
+        engine = load_engine(path, backend=self._cfg.backend, threads=self._cfg.threads, manifest=manifest)
         try:
             engine.warmup(self._cfg.warmup_batch_sizes)
             canary_check(engine)
