@@ -1,4 +1,4 @@
-"""`svd run|status|swap|rollback|build-engine|bench`: the only place that exits the process."""
+"""`svd run|status|swap|rollback|unpin|build-engine|bench|swapbench`: the only place that exits the process."""
 
 from __future__ import annotations
 
@@ -50,6 +50,9 @@ def _parser() -> argparse.ArgumentParser:
     rollback = sub.add_parser("rollback", help="serve the engine created before the serving one, and pin it")
     rollback.set_defaults(func=_rollback)
 
+    unpin = sub.add_parser("unpin", help="let newer engines in engines/ swap in again")
+    unpin.set_defaults(func=_unpin)
+
     build = sub.add_parser("build-engine", help="build an engine directory into engines/")
     build.add_argument("--demo", action="store_true", help="tiny random DINOv3 backbone and head (no download)")
     build.add_argument("--name", default="demo", help="engine directory name")
@@ -59,6 +62,11 @@ def _parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="load generator and raw engine ceilings")
     add_bench_arguments(bench)
+
+    from svd.swapbench import add_arguments as add_swapbench_arguments
+
+    swapbench = sub.add_parser("swapbench", help="ten engine swaps and a rollback under load; longest pause")
+    add_swapbench_arguments(swapbench)
     return parser
 
 
@@ -102,6 +110,10 @@ def _rollback(args: argparse.Namespace, cfg: Config) -> int:
     return _engine_command(cfg, "rollback")
 
 
+def _unpin(args: argparse.Namespace, cfg: Config) -> int:
+    return _engine_command(cfg, "unpin")
+
+
 def _engine_command(cfg: Config, cmd: str, **request: str) -> int:
     from svd.control import call
 
@@ -114,7 +126,7 @@ def _engine_command(cfg: Config, cmd: str, **request: str) -> int:
     except OSError as e:
         print(f"svd: no daemon answers on {cfg.socket_path}: {e}", file=sys.stderr)
         return 1
-    print(f"serving {engine['name']} v{engine['version']} (pinned)")
+    print(f"serving {engine['name']} v{engine['version']}{' (pinned)' if engine['pinned'] else ''}")
     return 0
 
 

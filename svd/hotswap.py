@@ -115,8 +115,18 @@ class HotSwap:
         }
 
     def commands(self) -> dict[str, Callable[[dict[str, Any]], Any]]:
-        """Control socket handlers: `swap` (name) and `rollback`."""
-        return {"swap": lambda req: self.swap_to(str(req.get("name", ""))), "rollback": lambda _: self.rollback()}
+        """Control socket handlers: `swap` (name), `rollback` and `unpin`."""
+        return {
+            "swap": lambda req: self.swap_to(str(req.get("name", ""))),
+            "rollback": lambda _: self.rollback(),
+            "unpin": lambda _: self.unpin(),
+        }
+
+    async def unpin(self) -> dict[str, Any]:
+        """Let newer engines swap in again; the serving engine stays until one arrives."""
+        self.pinned = False
+        log.info("engine_unpinned", serving=self.serving.name)
+        return self.status()
 
     async def offer(self, path: Path) -> bool:
         """A new directory appeared: serve it if it is good and newer than the serving one, unless pinned."""

@@ -1,0 +1,299 @@
+"""`svd swapbench`: ten engine swaps in a row under steady signed load, then a rollback.
+
+The sequence mixes good engines (a new head on the serving backbone, and a
+different backbone) with the four kinds of bad engine a writer can produce:
+a corrupt part whose hash matches (the writer hashed garbage), a part changed
+after hashing, a wrong input spec and a truncated ONNX graph. Each is renamed
+into `engines/` the way a writer does; the next one waits until the daemon
+has swapped or refused it. Meanwhile C callers keep signed queries in flight.
+
+Figures: every request's status (any non-200 or transport error is a failure),
+and the longest latency of a request in flight during a swap window (from the
+rename until `svd status` shows the outcome), against the p99 and maximum of
+requests outside any window. The engines it wrote are removed afterwards and
+the engine that served before is restored (pinned, then unpinned).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import os
+import shutil
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors.torch import load_file, save
+
+from svd import protocol
+from svd.config import Config
+from svd.control import call
+from svd.manifest import BACKBONE_ONNX, HEAD, InputSpec, read_manifest, utc_now, write_engine_dir
+
+STAGING = ".swapbench"  # dot-named: the watcher and list_engines() ignore it
+OUTCOME_TIMEOUT_S = 120.0
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One engine of the sequence: `write(staging)` builds it there, ready to rename into engines/."""
+
+    name: str
+    good: bool
+    kind: str
+    write: Callable[[Path], Path]
+
+
+def _copy(source: Path, staging: Path, name: str, **edits: Any) -> Path:
+    """A complete engine dir in `staging` from `source`'s parts; `parts` edits replace files (hashed as given)."""
+    manifest = read_manifest(source)
+    parts: dict[str, Path | bytes] = {part: source / part for part in manifest.parts}
+    parts.update(edits.pop("parts", {}))
+    write_engine_dir(staging / name, dataclasses.replace(manifest, name=name, created=utc_now(), **edits), parts)
+    return staging / name
+
+
+def _nudged_head(source: Path, seed: int) -> bytes:
+    """The source head with its weights nudged: a distinct engine on the same backbone."""
+    rng = np.random.default_rng(seed)
+    state = load_file(str(source / HEAD))
+    nudged = {}
+    for key, tensor in state.items():
+        if tensor.is_floating_point() and tensor.ndim > 0 and key != "temperature":
+            noise = rng.normal(0.0, 0.01, tuple(tensor.shape)).astype(np.float32)
+            tensor = tensor + tensor.new_tensor(noise)
+        nudged[key] = tensor.contiguous()
+    return save(nudged)
+
+
+def _flip_byte_after_hashing(engine: Path) -> None:
+    head = engine / HEAD
+    data = bytearray(head.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    head.write_bytes(bytes(data))
+
+
+def sequence(serving: Path, other: Path | None, tag: str) -> list[Candidate]:
+    """Ten swaps: six good (four head-only, two with `other`'s backbone if given) and four bad."""
+
+    def good(i: int, base: Path) -> Candidate:
+        name = f"{tag}-good{i}"
+        return Candidate(
+            name,
+            True,
+            "new backbone" if base != serving else "new head",
+            lambda s: _copy(base, s, name, parts={HEAD: _nudged_head(base, i)}),
+        )
+
+    def bad(kind: str, write: Callable[[Path, str], Path]) -> Candidate:
+        name = f"{tag}-{kind}"
+        return Candidate(name, False, kind, lambda s: write(s, name))
+
+    def hash_mismatch(s: Path, name: str) -> Path:
+        path = _copy(serving, s, name)
+        _flip_byte_after_hashing(path)
+        return path
+
+    onnx = (serving / BACKBONE_ONNX).read_bytes()
+    second = other or serving
+    return [
+        good(1, serving),
+        bad("corrupt-file", lambda s, n: _copy(serving, s, n, parts={HEAD: os.urandom(4096)})),
+        good(2, second),
+        bad("hash-mismatch", hash_mismatch),
+        good(3, serving),
+        bad("wrong-input", lambda s, n: _copy(serving, s, n, input=InputSpec(height=256, width=256))),
+        good(4, serving),
+        bad("truncated-onnx", lambda s, n: _copy(serving, s, n, parts={BACKBONE_ONNX: onnx[: len(onnx) // 2]})),
+        good(5, second),
+        good(6, serving),
+    ]
+
+
+@dataclass
+class Requests:
+    """(start, end, status) of every request; status is the HTTP code or an exception name."""
+
+    records: list[tuple[float, float, str]] = field(default_factory=list)
+
+
+async def _load(url: str, miner: str, uri: str, images: list[str], stop: asyncio.Event, out: Requests) -> None:
+    import aiohttp
+    from bittensor_wallet import Keypair
+
+    keypair = Keypair.create_from_uri(uri)
+    i = 0
+    async with aiohttp.ClientSession() as session:
+        while not stop.is_set():
+            headers, body = protocol.dendrite_request(keypair, miner, images[i % len(images)], timeout=12.0)
+            i += 1
+            t0 = time.perf_counter()
+            try:
+                async with session.post(url, data=body, headers=headers) as resp:
+                    await resp.read()
+                    status = str(resp.status)
+            except (TimeoutError, aiohttp.ClientError) as e:
+                status = type(e).__name__
+            out.records.append((t0, time.perf_counter(), status))
+
+
+async def _status(socket_path: Path) -> dict[str, Any]:
+    result: dict[str, Any] = await asyncio.to_thread(call, socket_path, "status")
+    return result
+
+
+async def _outcome(socket_path: Path, name: str, swaps_before: int) -> str:
+    """Waits until the daemon serves `name` ("swapped") or refused it ("refused: ...")."""
+    deadline = time.monotonic() + OUTCOME_TIMEOUT_S
+    while time.monotonic() < deadline:
+        engine = (await _status(socket_path))["engine"]
+        if engine["name"] == name and engine["swaps"] > swaps_before:
+            return "swapped"
+        refusal = engine.get("last_refusal") or {}
+        if refusal.get("name") == name:
+            return f"refused: {refusal.get('error', '')[:120]}"
+        await asyncio.sleep(0.02)
+    return "no outcome (timeout)"
+
+
+async def run_swaps(
+    *,
+    url: str,
+    miner: str,
+    socket_path: Path,
+    engines_dir: Path,
+    images: list[str],
+    other: Path | None = None,
+    concurrency: int = 8,
+    uri: str = "//Alice",
+    settle_s: float = 1.0,
+    keep: bool = False,
+) -> dict[str, Any]:
+    """Drives the sequence against a running daemon with [engine] watch on; returns the figures."""
+    before = (await _status(socket_path))["engine"]
+    serving = Path(before["path"])
+    tag = f"sb{int(time.time())}"
+    staging = engines_dir / STAGING
+    staging.mkdir(exist_ok=True)
+    candidates = sequence(serving, other, tag)
+    requests, stop = Requests(), asyncio.Event()
+    load = [asyncio.create_task(_load(url, miner, uri, images, stop, requests)) for _ in range(concurrency)]
+    windows: list[tuple[float, float]] = []
+    steps: list[dict[str, Any]] = []
+    try:
+        await asyncio.sleep(settle_s)
+        for cand in candidates:
+            path = await asyncio.to_thread(cand.write, staging)
+            swaps = (await _status(socket_path))["engine"]["swaps"]
+            t0 = time.perf_counter()
+            os.rename(path, engines_dir / cand.name)
+            outcome = await _outcome(socket_path, cand.name, swaps)
+            windows.append((t0, time.perf_counter()))
+            steps.append(
+                {
+                    "name": cand.name,
+                    "kind": cand.kind,
+                    "expected": "swapped" if cand.good else "refused",
+                    "outcome": outcome,
+                    "s": round(windows[-1][1] - t0, 3),
+                }
+            )
+        t0 = time.perf_counter()
+        rolled = await asyncio.to_thread(call, socket_path, "rollback", 120.0)
+        windows.append((t0, time.perf_counter()))
+        steps.append(
+            {
+                "name": rolled["name"],
+                "kind": "rollback",
+                "expected": candidates[-2].name,
+                "outcome": rolled["name"],
+                "s": round(windows[-1][1] - t0, 3),
+            }
+        )
+        await asyncio.sleep(settle_s)
+    finally:
+        stop.set()
+        await asyncio.gather(*load, return_exceptions=True)
+        if not keep:
+            await asyncio.to_thread(_restore, socket_path, before["name"], before["pinned"], engines_dir, tag)
+    return _figures(requests, windows, steps)
+
+
+def _restore(socket_path: Path, name: str, was_pinned: bool, engines_dir: Path, tag: str) -> None:
+    """Serve the engine that served before, then remove what the run wrote."""
+    call(socket_path, "swap", 120.0, name=name)
+    if not was_pinned:
+        call(socket_path, "unpin")
+    for path in engines_dir.iterdir():
+        if path.name.startswith(tag) or path.name == STAGING:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _figures(requests: Requests, windows: list[tuple[float, float]], steps: list[dict[str, Any]]) -> dict[str, Any]:
+    def in_window(start: float, end: float) -> bool:
+        return any(start < w_end and end > w_start for w_start, w_end in windows)
+
+    statuses = Counter(status for _, _, status in requests.records)
+    during = [end - start for start, end, s in requests.records if s == "200" and in_window(start, end)]
+    outside = [end - start for start, end, s in requests.records if s == "200" and not in_window(start, end)]
+    return {
+        "requests": len(requests.records),
+        "statuses": dict(statuses),
+        "failed": sum(n for status, n in statuses.items() if status != "200"),
+        "steps": steps,
+        "all_as_expected": all(st["outcome"].startswith(st["expected"]) for st in steps),
+        "longest_pause_ms": round(max(during, default=0.0) * 1000, 2),
+        "in_swap_windows": len(during),
+        "outside_p99_ms": round(float(np.percentile(np.asarray(outside) * 1000, 99)), 2) if outside else None,
+        "outside_max_ms": round(max(outside, default=0.0) * 1000, 2),
+    }
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=None, help="default: server.port from the config")
+    p.add_argument("--uri", default="//Alice", help="caller keypair URI (must be allowed by the miner)")
+    p.add_argument("-c", "--concurrency", type=int, default=8, help="requests in flight")
+    p.add_argument("--other", type=Path, default=None, help="engine dir with another backbone for two of the swaps")
+    p.add_argument("--keep", action="store_true", help="leave the written engines and the last swap in place")
+    p.add_argument("--json", action="store_true", help="print figures as one JSON object")
+    p.set_defaults(func=run_swapbench)
+
+
+def run_swapbench(args: argparse.Namespace, cfg: Config) -> int:
+    from svd.bench import load_images
+
+    try:
+        status = call(cfg.socket_path, "status")
+    except (OSError, RuntimeError) as e:
+        raise SystemExit(f"svd swapbench: run it beside a running daemon ({e})") from None
+    if not cfg.engine.watch:
+        raise SystemExit("svd swapbench: needs [engine] watch = true in the daemon's config")
+    port = args.port or cfg.server.port
+    figures = asyncio.run(
+        run_swaps(
+            url=f"http://{args.host}:{port}/ImageSynapse",
+            miner=str(status["hotkey"]),
+            socket_path=cfg.socket_path,
+            engines_dir=cfg.engines_dir,
+            images=load_images(None),
+            other=args.other,
+            concurrency=args.concurrency,
+            uri=args.uri,
+            keep=args.keep,
+        )
+    )
+    if args.json:
+        print(json.dumps(figures))
+    else:
+        for step in figures.pop("steps"):
+            print(f"{step['name']:28} {step['kind']:15} {step['s']:7.3f} s  {step['outcome']}")
+        print("\n".join(f"{k:20} {v}" for k, v in figures.items()))
+    return 0 if figures["failed"] == 0 and figures["all_as_expected"] else 1
