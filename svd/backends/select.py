@@ -1,8 +1,14 @@
-"""Picks the backbone runtime: TensorRT (not yet) -> ONNX Runtime -> torch."""
+"""Picks the backbone runtime: TensorRT -> ONNX Runtime -> torch.
+
+A plan built for another GPU architecture or TensorRT version is not an
+error: the engine's backbone.onnx serves instead, with a `plan_unusable`
+warning, and the reason travels back to callers in Choice.skipped.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import structlog
 
@@ -22,8 +28,10 @@ NEEDS: dict[str, tuple[str, ...]] = {
 
 
 def _make_tensorrt(threads: int) -> Backend:
-    # Slot kept so the order and the logs already read as the design says.
-    raise EngineError("TensorRT backend is not implemented yet")
+    # threads: TensorRT runs on the GPU; the CPU thread count does not apply.
+    from svd.backends.tensorrt import TensorRTBackend
+
+    return TensorRTBackend()
 
 
 def _make_onnx(threads: int) -> Backend:
@@ -52,13 +60,36 @@ _FACTORIES: dict[str, Callable[[int], Backend]] = {
 }
 
 
-def select_backend(preference: str = "auto", threads: int = 0, *, manifest: Manifest | None = None) -> Backend:
-    """Returns an unloaded backend: the named one, or the first that works.
+@dataclass(frozen=True)
+class Choice:
+    """The backend chosen, and why each backend tried before it was skipped."""
+
+    backend: Backend
+    skipped: dict[str, str] = field(default_factory=dict)
+    # Why the engine's backbone.plan is not serving; None when it has none or it serves.
+    plan_unusable: str | None = None
+
+
+def _plan_reason(manifest: Manifest | None) -> str | None:
+    # Only an engine that carries a plan is checked; no plan is an ordinary skip.
+    if manifest is None or BACKBONE_PLAN not in manifest.parts:
+        return None
+    from svd.plan import plan_usable
+
+    reason = plan_usable(manifest.plan)
+    if reason is not None:
+        log.warning("plan_unusable", engine=manifest.name, reason=reason)
+    return reason
+
+
+def choose_backend(preference: str = "auto", threads: int = 0, *, manifest: Manifest | None = None) -> Choice:
+    """Returns an unloaded backend (the named one, or the first that works) and the skip reasons.
 
     Args:
         preference: "auto" (TensorRT -> ONNX Runtime -> torch) or one backend name.
         threads: CPU threads for the runtime; 0 leaves its default.
-        manifest: when given, backends whose parts the engine lacks are skipped.
+        manifest: when given, backends whose parts the engine lacks are skipped,
+            and a plan that cannot run on this GPU/TensorRT is skipped with a warning.
 
     Raises:
         EngineError: the named backend, or every backend under "auto", is unusable.
@@ -67,17 +98,25 @@ def select_backend(preference: str = "auto", threads: int = 0, *, manifest: Mani
         raise EngineError(f"unknown backend {preference!r}; choose one of {', '.join(PREFERENCES)}")
     candidates = ORDER if preference == "auto" else (preference,)
     reasons: dict[str, str] = {}
+    plan_reason: str | None = None
     for name in candidates:
         missing = [p for p in NEEDS[name] if manifest is not None and p not in manifest.parts]
         try:
             if missing:
                 raise EngineError(f"engine has no {', '.join(missing)}")
+            if name == "tensorrt" and (plan_reason := _plan_reason(manifest)) is not None:
+                raise EngineError(f"plan unusable: {plan_reason}")
             backend = _FACTORIES[name](threads)
         except EngineError as exc:
             reasons[name] = str(exc)
             log.info("backend_skipped", backend=name, reason=str(exc))
             continue
         log.info("backend_selected", backend=name, preference=preference, threads=threads)
-        return backend
+        return Choice(backend, reasons, plan_reason)
     detail = "; ".join(f"{name}: {why}" for name, why in reasons.items())
     raise EngineError(f"no usable backend for preference {preference!r} ({detail})")
+
+
+def select_backend(preference: str = "auto", threads: int = 0, *, manifest: Manifest | None = None) -> Backend:
+    """choose_backend() without the skip reasons; see there."""
+    return choose_backend(preference, threads, manifest=manifest).backend
