@@ -1,6 +1,9 @@
 """Engine: a verified engine directory loaded as backbone backend + torch head.
 
 Every method runs on the one GPU worker thread; nothing here is thread-safe.
+Two engines with the same backbone graph (backbone_sha256) can share one
+loaded backend: a head-only swap then loads a few KB of head weights instead
+of a backbone. The backend is closed when the last engine using it closes.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from safetensors.torch import load_file
 from svd.backends.base import Backend, blank_images
 from svd.backends.select import select_backend
 from svd.manifest import (
+    BACKBONE_PLAN,
     HEAD,
     MANIFEST_NAME,
     SERVED_INPUT,
@@ -53,17 +57,58 @@ class EngineOutput:
     features: np.ndarray  # (N, D) float32, of the unflipped images
 
 
-class Engine:
-    """A loaded engine. Build it with load_engine()."""
+class SharedBackend:
+    """A loaded backend and how many engines use it; the last release closes it."""
 
-    def __init__(self, path: Path, manifest: Manifest, backend: Backend, head: Head) -> None:
+    def __init__(self, backend: Backend, backbone_sha256: str) -> None:
+        self.backend = backend
+        self.backbone_sha256 = backbone_sha256
+        self.users = 1
+
+    @property
+    def closed(self) -> bool:
+        return self.users == 0
+
+    def acquire(self) -> SharedBackend:
+        if self.closed:
+            raise RuntimeError("backend already closed")
+        self.users += 1
+        return self
+
+    def release(self) -> None:
+        if self.users > 0:
+            self.users -= 1
+            if self.users == 0:
+                self.backend.close()
+
+
+class Engine:
+    """A loaded engine. Build it with load_engine().
+
+    Args:
+        path, manifest: the verified engine directory.
+        backend: its loaded backbone runtime, alone or shared with other engines.
+        head: the loaded head.
+    """
+
+    def __init__(self, path: Path, manifest: Manifest, backend: Backend | SharedBackend, head: Head) -> None:
         self.path = path
         self.manifest = manifest
         self.name = manifest.name
         self.version = manifest.version
-        self.backend_name = backend.name
-        self._backend = backend
+        self._shared = (
+            backend if isinstance(backend, SharedBackend) else SharedBackend(backend, manifest.backbone_sha256)
+        )
+        self._backend = self._shared.backend
+        self.backend_name = self._backend.name
+        # True when the backbone came loaded (and warm) from another engine.
+        self.backbone_reused = self._shared.users > 1
         self._head: Head | None = head
+        self._closed = False
+
+    @property
+    def shared_backend(self) -> SharedBackend:
+        return self._shared
 
     def infer(self, images: np.ndarray) -> EngineOutput:
         """Scores a batch of uint8 (N, 224, 224, 3) RGB images, N >= 1.
@@ -93,9 +138,13 @@ class Engine:
         log.info("engine_warm", engine=self.name, backend=self.backend_name, batch_sizes=list(batch_sizes))
 
     def close(self) -> None:
-        self._backend.close()
+        """Drops the head and this engine's hold on the backend (closed once no engine uses it)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._shared.release()
         self._head = None
-        log.info("engine_closed", engine=self.name, backend=self.backend_name)
+        log.info("engine_closed", engine=self.name, backend=self.backend_name, backend_closed=self._shared.closed)
 
     def _head_probs(self, features: np.ndarray) -> np.ndarray:
         if self._head is None:
@@ -125,17 +174,38 @@ def _check_output(name: str, probs: np.ndarray, features: np.ndarray, n: int, di
         )
 
 
-def _load_head(path: Path, feature_dim: int) -> Head:
+def _load_head(path: Path, manifest: Manifest) -> Head:
     try:
         head = Head.from_state(load_file(str(path)))
-    except Exception as exc:  # safetensors, KeyError and load_state_dict errors alike
+    except Exception as exc:  # safetensors, KeyError, ValueError and load_state_dict errors alike
         raise EngineError(f"{path}: cannot load head weights ({exc!r})") from exc
-    if head.feature_dim != feature_dim:
-        raise EngineError(f"{path}: head takes {head.feature_dim} features, manifest says {feature_dim}")
+    if head.feature_dim != manifest.feature_dim:
+        raise EngineError(f"{path}: head takes {head.feature_dim} features, manifest says {manifest.feature_dim}")
+    if head.feature_dims != manifest.feature_dims:
+        raise EngineError(
+            f"{path}: head members take {list(head.feature_dims)} features, "
+            f"manifest members give {list(manifest.feature_dims)}"
+        )
     return head
 
 
-def load_engine(path: Path, backend: str = "auto", threads: int = 0, manifest: Manifest | None = None) -> Engine:
+def _reusable(reuse: Engine | None, manifest: Manifest) -> SharedBackend | None:
+    if reuse is None or reuse.shared_backend.closed:
+        return None
+    old = reuse.manifest
+    same = bool(manifest.backbone_sha256) and old.backbone_sha256 == manifest.backbone_sha256
+    # A new engine that brings a (different) TensorRT plan loads it rather than inherit the old runtime.
+    same_plan = old.parts.get(BACKBONE_PLAN) == manifest.parts.get(BACKBONE_PLAN)
+    return reuse.shared_backend if same and same_plan and old.feature_dims == manifest.feature_dims else None
+
+
+def load_engine(
+    path: Path,
+    backend: str = "auto",
+    threads: int = 0,
+    manifest: Manifest | None = None,
+    reuse: Engine | None = None,
+) -> Engine:
     """Verifies an engine directory and loads its backbone backend and head.
 
     Args:
@@ -144,6 +214,8 @@ def load_engine(path: Path, backend: str = "auto", threads: int = 0, manifest: M
         threads: CPU threads for the backend and torch; 0 keeps runtime defaults.
         manifest: the result of verify_engine_dir(path) when the caller already ran it
             (hashing a large backbone takes seconds; hot swap does it off the engine thread).
+        reuse: a loaded engine (the serving one); if its backbone_sha256 equals this
+            engine's, its backend is shared instead of loading the backbone again.
 
     Raises:
         EngineError: the directory fails verification or no backend can load it.
@@ -152,7 +224,11 @@ def load_engine(path: Path, backend: str = "auto", threads: int = 0, manifest: M
         manifest = verify_engine_dir(path)
     if threads > 0:
         torch.set_num_threads(threads)
-    head = _load_head(path / HEAD, manifest.feature_dim)
+    head = _load_head(path / HEAD, manifest)
+    shared = _reusable(reuse, manifest)
+    if shared is not None and reuse is not None:
+        log.info("engine_backbone_reused", engine=manifest.name, source=reuse.name, backend=shared.backend.name)
+        return Engine(path, manifest, shared.acquire(), head)
     runtime = select_backend(backend, threads, manifest=manifest)
     runtime.load(path, manifest)
     log.info(

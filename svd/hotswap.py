@@ -197,10 +197,17 @@ class HotSwap:
         return True
 
     def _prepare(self, path: Path, manifest: Manifest) -> Engine:
-        """Runs on the worker thread; the new engine is closed again if any check fails."""
-        engine = load_engine(path, backend=self._cfg.backend, threads=self._cfg.threads, manifest=manifest)
+        """Runs on the worker thread; the new engine is closed again if any check fails.
+
+        A new engine with the serving backbone (same backbone_sha256) shares the
+        loaded, already warm backend: only its head is loaded, and only the
+        canary runs, so a head-only swap costs milliseconds.
+        """
+        cfg = self._cfg
+        engine = load_engine(path, backend=cfg.backend, threads=cfg.threads, manifest=manifest, reuse=self.serving)
         try:
-            engine.warmup(self._cfg.warmup_batch_sizes)
+            if not engine.backbone_reused:
+                engine.warmup(cfg.warmup_batch_sizes)
             canary_check(engine)
         except BaseException:
             engine.close()

@@ -25,6 +25,8 @@ log = structlog.get_logger(__name__)
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 BACKBONE_ONNX = "backbone.onnx"
+# Weights of a graph over protobuf's 2 GB limit (e.g. ViT-L + SigLIP2 so400m), beside it.
+BACKBONE_ONNX_DATA = "backbone.onnx.data"
 BACKBONE_PLAN = "backbone.plan"  # TensorRT, reserved for the GPU backend
 BACKBONE_WEIGHTS = "backbone.safetensors"  # torch reference backend
 BACKBONE_CONFIG = "backbone_config.json"  # torch reference backend
@@ -48,6 +50,17 @@ class InputSpec:
 
 
 SERVED_INPUT = InputSpec()
+# Backbone families (svd.model.FAMILIES; repeated here so serving needs no torch).
+FAMILIES = ("dinov3", "siglip2")
+
+
+@dataclass(frozen=True)
+class Member:
+    """One backbone of the engine's graph; its features are the next `feature_dim` columns."""
+
+    backbone_id: str
+    family: str
+    feature_dim: int
 
 
 @dataclass(frozen=True)
@@ -69,6 +82,9 @@ class Manifest:
         export: how the backbone graph was made (exporter, opset, versions).
         plan: TensorRT plan facts (gpu arch, TensorRT version, precision), if any.
         parts: file name -> sha256 of every part in the directory.
+        members: the backbones in graph (and feature) order. Left empty, one
+            member is derived from a single backbone id (engines built before
+            ensembles have no such field; all of them were DINOv3).
     """
 
     name: str
@@ -85,12 +101,20 @@ class Manifest:
     export: dict[str, Any] = field(default_factory=dict)
     plan: dict[str, Any] | None = None
     parts: dict[str, str] = field(default_factory=dict)
+    members: tuple[Member, ...] = ()
     format_version: int = FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        if not self.members and len(self.backbone_ids) == 1:
+            ident = self.backbone_ids[0]
+            family = "siglip2" if "siglip" in ident.lower() else "dinov3"
+            object.__setattr__(self, "members", (Member(ident, family, self.feature_dim),))
 
     def to_json(self) -> str:
         data = asdict(self)
         data["created"] = self.created.isoformat()
         data["backbone_ids"] = list(self.backbone_ids)
+        data["members"] = [asdict(m) for m in self.members]
         return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
     @classmethod
@@ -105,9 +129,19 @@ class Manifest:
         return _manifest_from_dict(data, source)
 
     @property
+    def feature_dims(self) -> tuple[int, ...]:
+        return tuple(m.feature_dim for m in self.members)
+
+    @property
     def backbone_sha256(self) -> str:
-        """Identity of the backbone: equal hashes mean the loaded one can be reused."""
-        return self.parts.get(BACKBONE_ONNX, "")
+        """Identity of the backbone: equal hashes mean the loaded one can be reused.
+
+        The hash of backbone.onnx; for a graph with external weights, the hash
+        of both parts' hashes (the .onnx alone holds no weights then).
+        """
+        onnx = self.parts.get(BACKBONE_ONNX, "")
+        data = self.parts.get(BACKBONE_ONNX_DATA)
+        return hashlib.sha256(f"{onnx}:{data}".encode()).hexdigest() if onnx and data else onnx
 
 
 # Expected JSON types per field; bool is checked before int because bool is an int.
@@ -127,6 +161,7 @@ _SCALAR_TYPES: dict[str, tuple[type, ...]] = {
     "parts": (dict,),
     "backbone_ids": (list,),
     "input": (dict,),
+    "members": (list,),
 }
 _REQUIRED = ("format_version", "name", "version", "created", "backbone_ids", "input", "feature_dim", "parts")
 
@@ -165,8 +200,44 @@ def _manifest_from_dict(data: dict[str, Any], source: str) -> Manifest:
     values["backbone_ids"] = tuple(data["backbone_ids"])
     values["input"] = _input_from_dict(source, data["input"])
     values["parts"] = _parts_from_dict(source, data["parts"])
+    values["members"] = _members_from_list(source, data.get("members", []))
     values["threshold"] = float(data.get("threshold", 0.5))
-    return Manifest(**values)
+    manifest = Manifest(**values)
+    _check_members(source, manifest)
+    return manifest
+
+
+def _members_from_list(source: str, items: list[Any]) -> tuple[Member, ...]:
+    types = {"backbone_id": str, "family": str, "feature_dim": int}
+    members = []
+    for i, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise EngineError(f"{source}: members[{i}] must be an object")
+        for key, typ in types.items():
+            if key not in item:
+                raise EngineError(f"{source}: field 'members[{i}].{key}' is missing")
+            _check_type(source, f"members[{i}].{key}", item[key], (typ,))
+        members.append(Member(**{k: item[k] for k in types}))
+    return tuple(members)
+
+
+def _check_members(source: str, manifest: Manifest) -> None:
+    """Members must name the backbone ids in order and split feature_dim between them."""
+    members = manifest.members
+    if not members:
+        raise EngineError(
+            f"{source}: field 'members' is needed when there are {len(manifest.backbone_ids)} backbone ids"
+        )
+    if tuple(m.backbone_id for m in members) != manifest.backbone_ids:
+        raise EngineError(f"{source}: members' backbone ids do not match 'backbone_ids' {list(manifest.backbone_ids)}")
+    for i, m in enumerate(members):
+        if m.family not in FAMILIES:
+            raise EngineError(f"{source}: members[{i}].family {m.family!r} is not one of {', '.join(FAMILIES)}")
+        if m.feature_dim <= 0:
+            raise EngineError(f"{source}: members[{i}].feature_dim must be positive")
+    total = sum(m.feature_dim for m in members)
+    if total != manifest.feature_dim:
+        raise EngineError(f"{source}: members' feature dims sum to {total}, 'feature_dim' is {manifest.feature_dim}")
 
 
 def _is_number(value: Any) -> bool:

@@ -227,7 +227,10 @@ def test_truncated_onnx_with_matching_hash_fails_in_onnx_runtime(engine_copy: Pa
 
 
 def test_head_of_wrong_width_is_refused(engine_copy: Path) -> None:
-    edit_manifest(engine_copy, lambda d: d.__setitem__("feature_dim", DIM * 2))
+    def widen(d: dict[str, Any]) -> None:
+        d["feature_dim"] = d["members"][0]["feature_dim"] = DIM * 2
+
+    edit_manifest(engine_copy, widen)
     with pytest.raises(EngineError, match=rf"head\.safetensors: head takes {DIM} features, manifest says {DIM * 2}"):
         load_engine(engine_copy, "onnx")
 

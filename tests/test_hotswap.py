@@ -15,9 +15,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save
 
+from svd.build import build_demo_engine
 from svd.config import Config
 from svd.control import call
+from svd.hotswap import canary_images
 from svd.manifest import BACKBONE_ONNX, HEAD, MANIFEST_NAME, InputSpec, read_manifest, utc_now, write_engine_dir
+from svd.model import tiny_dinov3_config
 from tests.helpers import make_config, running_daemon
 from tests.test_server import query
 
@@ -185,3 +188,45 @@ def test_cli_swap_without_a_daemon_says_so(cfg: Config, capsys: pytest.CaptureFi
 
     assert _engine_command(cfg, "rollback") == 1
     assert "no daemon answers" in capsys.readouterr().err
+
+
+def _shifted_head(tiny: Path) -> bytes:
+    """The same head with another fusion bias: other probabilities, same backbone."""
+    state = load_file(str(tiny / HEAD))
+    state["fusion.bias"] = state["fusion.bias"] + 3.0
+    return save(state)
+
+
+async def test_new_head_on_the_serving_backbone_reuses_it(cfg: Config, jpegs_b64: list[str]) -> None:
+    tiny = cfg.engines_dir / "tiny"
+    async with running_daemon(cfg) as d:
+        miner = d.snapshot().hotkey
+        old = d.engine
+        assert old is not None
+        before = await query(d.port, miner, jpegs_b64[0])
+        await asyncio.to_thread(copy_engine, tiny, cfg.engines_dir, "new-head", parts={HEAD: _shifted_head(tiny)})
+        await wait_for(cfg, lambda e: e["name"] == "new-head")
+        new = d.engine
+        assert new is not None and new is not old and new.backbone_reused
+        assert new.shared_backend is old.shared_backend and not new.shared_backend.closed
+        # The old engine was closed on the worker; the shared backend still serves the new one.
+        await asyncio.sleep(0.1)
+        with pytest.raises(RuntimeError, match="used after close"):
+            old.infer(canary_images(1))
+        after = await query(d.port, miner, jpegs_b64[0])
+        assert before[0] == after[0] == 200
+        assert after[1]["prediction"] != pytest.approx(before[1]["prediction"], abs=1e-3)
+    assert new.shared_backend.closed  # the daemon's shutdown closed the last user
+
+
+async def test_new_backbone_is_loaded_not_reused(cfg: Config, tiny_engine: Path, tmp_path: Path) -> None:
+    other = tmp_path / "other-build"
+    build_demo_engine(other, "other", seed=9, config=tiny_dinov3_config(hidden_size=64, num_layers=2, num_heads=2))
+    async with running_daemon(cfg) as d:
+        old = d.engine
+        await asyncio.to_thread(copy_engine, other / "other", cfg.engines_dir, "other")
+        await wait_for(cfg, lambda e: e["name"] == "other")
+        new = d.engine
+        assert new is not None and old is not None
+        assert not new.backbone_reused and new.shared_backend is not old.shared_backend
+        assert old.shared_backend.closed
