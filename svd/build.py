@@ -218,8 +218,15 @@ def _reference(backbone: nn.Module) -> Callable[[np.ndarray], np.ndarray]:
     return features
 
 
-def _maybe_build_plan(onnx_path: Path, backbone: nn.Module, max_batch: int) -> tuple[Path, dict[str, Any]] | None:
-    """The TensorRT plan next to the ONNX file, if `svd.plan` is present and supported here."""
+def _maybe_build_plan(
+    onnx_path: Path, backbone: EnsembleBackbone, max_batch: int
+) -> tuple[Path, dict[str, Any]] | None:
+    """The TensorRT plan next to the ONNX file, if `svd.plan` is present and supported here.
+
+    A plan is an optional speed-up: when no precision passes its parity gate
+    the engine ships without one (ONNX Runtime serves it) and a WARNING
+    `plan_skipped` says why.
+    """
     try:
         plan = importlib.import_module("svd.plan")
     except ImportError as exc:
@@ -229,7 +236,17 @@ def _maybe_build_plan(onnx_path: Path, backbone: nn.Module, max_batch: int) -> t
         log.info("plan_skipped", reason="plan_supported() is false (no CUDA or TensorRT)")
         return None
     plan_path = onnx_path.with_name(BACKBONE_PLAN)
-    facts: dict[str, Any] = plan.build_plan(onnx_path, plan_path, _reference(backbone), max_batch=max_batch)
+    try:
+        facts: dict[str, Any] = plan.build_plan(
+            onnx_path,
+            plan_path,
+            _reference(backbone),
+            max_batch=max_batch,
+            member_dims=list(backbone.feature_dims),
+        )
+    except EngineError as exc:
+        log.warning("plan_skipped", reason=str(exc))
+        return None
     log.info("plan_built", path=str(plan_path), **{k: v for k, v in facts.items() if isinstance(v, (str, int, float))})
     return plan_path, facts
 

@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 import types
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -261,12 +261,17 @@ def test_build_engine_from_a_head_checkpoint_with_the_plan_hook(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Old single-head checkpoint + a random test id; a fake svd.plan (the GPU edge) gets the hook's call."""
-    calls: list[tuple[Path, int, np.ndarray]] = []
+    calls: list[tuple[Path, int, np.ndarray, list[int] | None]] = []
 
     def build_plan(
-        onnx_path: Path, plan_path: Path, reference: Callable[[np.ndarray], np.ndarray], *, max_batch: int
+        onnx_path: Path,
+        plan_path: Path,
+        reference: Callable[[np.ndarray], np.ndarray],
+        *,
+        max_batch: int,
+        member_dims: Sequence[int] | None = None,
     ) -> dict[str, Any]:
-        calls.append((onnx_path, max_batch, reference(images(2))))
+        calls.append((onnx_path, max_batch, reference(images(2)), None if member_dims is None else list(member_dims)))
         plan_path.write_bytes(b"plan")
         return {"precision": "bf16", "gpu_arch": "sm_90"}
 
@@ -284,8 +289,8 @@ def test_build_engine_from_a_head_checkpoint_with_the_plan_hook(
         manifest.plan == {"precision": "bf16", "gpu_arch": "sm_90"} and (path / BACKBONE_PLAN).read_bytes() == b"plan"
     )
     assert manifest.members == (Member("random:dinov3-tiny-seed3", DINOV3, 128),) and manifest.version == "2"
-    ((onnx_path, max_batch, features),) = calls
-    assert onnx_path.name == BACKBONE_ONNX and max_batch == 8
+    ((onnx_path, max_batch, features, member_dims),) = calls
+    assert onnx_path.name == BACKBONE_ONNX and max_batch == 8 and member_dims == [128]
     with torch.inference_mode():
         expected = load_member("random:dinov3-tiny-seed3")(torch.from_numpy(images(2))).numpy()
     np.testing.assert_allclose(features, expected, atol=1e-6)

@@ -61,7 +61,7 @@ class TensorRTBackend:
 
     def load(self, engine_dir: Path, manifest: Manifest) -> None:
         path = require_part(engine_dir, manifest, BACKBONE_PLAN, self.name)
-        reason = plan_usable(manifest.plan)
+        reason = plan_usable(manifest.plan, device=self.device)
         if reason is not None:
             raise EngineError(f"{path}: {reason}")
         self.load_plan_bytes(path.read_bytes(), source=str(path), feature_dim=manifest.feature_dim)
@@ -77,17 +77,18 @@ class TensorRTBackend:
         import tensorrt as trt
         import torch
 
-        runtime = trt.Runtime(trt_logger())
-        engine = runtime.deserialize_cuda_engine(blob)
-        if engine is None:
-            raise EngineError(
-                f"{source}: TensorRT {trt.__version__} cannot deserialize the plan "
-                "(corrupt, or built for another GPU or TensorRT version)"
-            )
-        dim = _check_io(engine, source, feature_dim)
-        _, _, max_shape = engine.get_tensor_profile_shape(INPUT_NAME, 0)
-        max_batch = int(max_shape[0])
+        # Everything on self.device: TensorRT binds an engine to the device current at deserialization.
         with torch.cuda.device(self.device):
+            runtime = trt.Runtime(trt_logger())
+            engine = runtime.deserialize_cuda_engine(blob)
+            if engine is None:
+                raise EngineError(
+                    f"{source}: TensorRT {trt.__version__} cannot deserialize the plan "
+                    "(corrupt, or built for another GPU or TensorRT version)"
+                )
+            dim = _check_io(engine, source, feature_dim)
+            _, _, max_shape = engine.get_tensor_profile_shape(INPUT_NAME, 0)
+            max_batch = int(max_shape[0])
             context = engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
             if context is None:
                 raise EngineError(f"{source}: TensorRT could not create an execution context")
