@@ -47,9 +47,11 @@ class InferEngine(Protocol):
 @dataclass(frozen=True)
 class Prediction:
     prob: float
-    features: np.ndarray
+    features: np.ndarray  # this image's (D,) float32 row, owned (not a view of engine buffers)
     engine: str
     batch_size: int
+    engine_version: str = ""
+    backbone_sha256: str = ""
 
 
 @dataclass(order=True)
@@ -217,9 +219,14 @@ class Batcher:
         self.batch_s += EWMA_ALPHA * (elapsed - self.batch_s)
         self.stats.engine_time.add(elapsed)
         self.stats.batch_sizes[len(batch)] += 1
+        # A copy: the sample log keeps rows after the engine may have reused its output buffers.
+        features = np.array(out.features, dtype=np.float32)
+        version, backbone = _engine_identity(engine)
         for i, item in enumerate(batch):
             if not item.future.done():
-                item.future.set_result(Prediction(float(probs[i]), out.features[i], engine.name, len(batch)))
+                item.future.set_result(
+                    Prediction(float(probs[i]), features[i], engine.name, len(batch), version, backbone)
+                )
 
     def _fail_batch(self, batch: list[Item], error: SvdError) -> None:
         self.stats.batches_failed += 1
@@ -234,6 +241,12 @@ class Batcher:
         self._closed = dead
         while self._queue:
             _fail(heapq.heappop(self._queue), dead)
+
+
+def _engine_identity(engine: InferEngine) -> tuple[str, str]:
+    """Version and backbone hash of a real Engine; empty for stand-ins that lack a manifest."""
+    manifest = getattr(engine, "manifest", None)
+    return str(getattr(engine, "version", "")), str(getattr(manifest, "backbone_sha256", ""))
 
 
 def _fail(item: Item, error: SvdError) -> None:

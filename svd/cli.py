@@ -55,13 +55,37 @@ def _parser() -> argparse.ArgumentParser:
 
     build = sub.add_parser("build-engine", help="build an engine directory into engines/")
     build.add_argument("--demo", action="store_true", help="tiny random DINOv3 backbone and head (no download)")
-    build.add_argument("--name", default="demo", help="engine directory name")
+    build.add_argument("--ensemble", action="store_true", help="with --demo: tiny DINOv3 + tiny SigLIP2 ensemble")
+    build.add_argument("--head", type=Path, help="trained head.safetensors (one member MLP per --backbone)")
+    build.add_argument(
+        "--backbone",
+        action="append",
+        default=[],
+        metavar="ID",
+        help="hub id, e.g. facebook/dinov3-vitl16-pretrain-lvd1689m or google/siglip2-so400m-patch14-384; "
+        "repeat for an ensemble (order = head member order)",
+    )
+    build.add_argument("--name", default=None, help="engine directory name (demo: 'demo')")
+    build.add_argument("--version", default="0.1.0", help="engine version recorded in the manifest")
+    build.add_argument("--flip-tta", action="store_true", help="average each image's prob with its mirror's")
+    build.add_argument("--threshold", type=float, default=0.5, help="decision threshold on the calibrated prob")
     build.set_defaults(func=_build_engine)
 
     from svd.bench import add_arguments as add_bench_arguments
 
     bench = sub.add_parser("bench", help="load generator and raw engine ceilings")
     add_bench_arguments(bench)
+
+    from svd.samples import add_arguments as add_samples_arguments
+
+    samples = sub.add_parser("samples", help="stored samples by band, label, source and day; export a selection")
+    add_samples_arguments(samples)
+
+    # svd.review imports FiftyOne only when a review command runs (the `review` extra).
+    from svd.review import add_arguments as add_review_arguments
+
+    review = sub.add_parser("review", help="label stored samples in the FiftyOne App: export, then import")
+    add_review_arguments(review)
 
     from svd.swapbench import add_arguments as add_swapbench_arguments
 
@@ -131,12 +155,49 @@ def _engine_command(cfg: Config, cmd: str, **request: str) -> int:
 
 
 def _build_engine(args: argparse.Namespace, cfg: Config) -> int:
-    if not args.demo:
-        print("svd: only --demo engines can be built yet", file=sys.stderr)
+    if args.demo == bool(args.head or args.backbone):
+        print("svd: build-engine needs either --demo, or --head CKPT with --backbone ID ...", file=sys.stderr)
         return 2
-    from svd.build import build_demo_engine
-
+    if not args.demo and not (args.head and args.backbone and args.name):
+        print("svd: build-engine needs --head CKPT, at least one --backbone ID and --name NAME", file=sys.stderr)
+        return 2
+    if args.ensemble and not args.demo:
+        print("svd: --ensemble is for --demo; pass one --backbone per member instead", file=sys.stderr)
+        return 2
+    if not 0.0 <= args.threshold <= 1.0:
+        print(f"svd: --threshold must be within [0, 1], got {args.threshold}", file=sys.stderr)
+        return 2
+    try:
+        from svd.build import build_demo_engine, build_engine
+        from svd.manifest import EngineError
+    except ImportError as e:  # torch export tooling is the `build` extra
+        print(f"svd: build-engine needs the build extra (pip install 'svd[build]'): {e}", file=sys.stderr)
+        return 2
     setup_logging(cfg.daemon.log_level, cfg.daemon.log_format)
-    path = build_demo_engine(cfg.engines_dir, name=args.name)
+    try:
+        if args.demo:
+            path = build_demo_engine(
+                cfg.engines_dir,
+                name=args.name or "demo",
+                ensemble=args.ensemble,
+                flip_tta=args.flip_tta,
+                threshold=args.threshold,
+                version=args.version,
+            )
+        else:
+            path = build_engine(
+                args.head,
+                args.backbone,
+                cfg.engines_dir,
+                args.name,
+                version=args.version,
+                flip_tta=args.flip_tta,
+                threshold=args.threshold,
+                # Flip TTA sends 2N images through the backbone in one call.
+                plan_max_batch=cfg.batcher.max_batch * (2 if args.flip_tta else 1),
+            )
+    except EngineError as e:
+        print(f"svd: build-engine failed: {e}", file=sys.stderr)
+        return 1
     print(path)
     return 0

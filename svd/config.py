@@ -155,9 +155,12 @@ class EngineConfig:
     # Hot swap: serve a newer engine renamed into `dir` (see docs/engine-format.md).
     watch: bool = True
     watch_debounce_ms: int = 500
+    # Engine directories kept on disk for `svd rollback` after a swap (newest first; the
+    # serving one is never removed); 0 keeps them all.
+    keep: int = 5
 
     def validate(self) -> None:
-        backends = ("auto", "onnx", "torch")
+        backends = ("auto", "tensorrt", "onnx", "torch")
         _check(self.backend in backends, "engine.backend", f"one of {', '.join(backends)}", self.backend)
         _check(0 <= self.threads <= 256, "engine.threads", "an integer 0..256 (0: runtime default)", self.threads)
         _check(
@@ -172,6 +175,7 @@ class EngineConfig:
             "an integer 10..60000",
             self.watch_debounce_ms,
         )
+        _check(0 <= self.keep <= 1000, "engine.keep", "an integer 0..1000 (0: keep all)", self.keep)
 
 
 @dataclass(frozen=True)
@@ -226,6 +230,50 @@ class DaemonConfig:
 
 
 @dataclass(frozen=True)
+class SamplesConfig:
+    """The uncertain-sample log (docs/samples.md): what is kept, how it is written, how much stays."""
+
+    enabled: bool = True
+    # Empty: samples.db in daemon.state_dir. A relative path resolves like every other path.
+    db: str = ""
+    # Answers with band_low <= prediction <= band_high are kept.
+    band_low: float = 0.35
+    band_high: float = 0.65
+    # Share of confident answers (outside the band, no testnet label) kept anyway.
+    random_rate: float = 0.02
+    queue_max: int = 1024
+    queue_max_bytes: int = 64_000_000
+    batch_max: int = 64
+    flush_interval_s: float = 1.0
+    max_samples: int = 200_000
+    max_bytes: int = 8_000_000_000
+    retention_deletes_labelled: bool = False
+
+    def validate(self) -> None:
+        _check(0.0 <= self.band_low <= 1.0, "samples.band_low", "a number in [0, 1]", self.band_low)
+        _check(
+            0.0 <= self.band_high <= 1.0 and self.band_high > self.band_low,
+            "samples.band_high",
+            "a number in [0, 1] and > samples.band_low",
+            self.band_high,
+        )
+        _check(0.0 <= self.random_rate <= 1.0, "samples.random_rate", "a number in [0, 1]", self.random_rate)
+        _check(1 <= self.batch_max <= 10_000, "samples.batch_max", "an integer 1..10000", self.batch_max)
+        _check(self.queue_max >= self.batch_max, "samples.queue_max", "an integer >= samples.batch_max", self.queue_max)
+        _check(
+            self.queue_max_bytes >= 1_000_000, "samples.queue_max_bytes", "an integer >= 1000000", self.queue_max_bytes
+        )
+        _check(
+            0.01 <= self.flush_interval_s <= 60,
+            "samples.flush_interval_s",
+            "a number 0.01..60",
+            self.flush_interval_s,
+        )
+        _check(self.max_samples >= 1, "samples.max_samples", "an integer >= 1", self.max_samples)
+        _check(self.max_bytes >= 1_000_000, "samples.max_bytes", "an integer >= 1000000", self.max_bytes)
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
@@ -235,6 +283,7 @@ class Config:
     batcher: BatcherConfig = field(default_factory=BatcherConfig)
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
+    samples: SamplesConfig = field(default_factory=SamplesConfig)
     # Relative paths in the config resolve against this directory.
     base_dir: Path = field(default_factory=Path.cwd)
 
@@ -249,6 +298,10 @@ class Config:
     @property
     def socket_path(self) -> Path:
         return self.state_dir / "svd.sock"
+
+    @property
+    def samples_db(self) -> Path:
+        return self._resolve(self.samples.db) if self.samples.db else self.state_dir / "samples.db"
 
     def _resolve(self, p: str) -> Path:
         path = Path(p).expanduser()

@@ -1,8 +1,9 @@
 """Daemon: the process's life cycle, one method per phase.
 
 run() -> serve() -> startup() / main_loop() / shutdown(). Startup order:
-state dir -> hotkey -> engine (built on first start) -> batcher -> control
-socket -> listener -> engine watcher -> READY=1. Shutdown undoes it in reverse, bounded.
+state dir -> hotkey -> samples db -> engine (built on first start) -> batcher
+-> samples writer -> control socket -> listener -> engine watcher -> READY=1.
+Shutdown undoes it in reverse, bounded; queued samples are written before exit.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from svd.batcher import Batcher
 from svd.chain import Bittensor11Source, ChainSnapshot, ChainSource, ChainSync, OfflineSource
 from svd.config import Config
 from svd.control import ControlServer
+from svd.db import DatabaseError
 from svd.decode import DecodeLimits
 from svd.engine import Engine, load_engine, newest_engine
 from svd.errors import ShuttingDown
@@ -35,6 +37,7 @@ from svd.hotswap import EngineWatcher, HotSwap
 from svd.notify import Notifier
 from svd.server import Frontend
 from svd.status import Stats, StatusSnapshot
+from svd.uncertain import UncertainLog
 from svd.wallet import load_hotkey
 
 log = structlog.get_logger(__name__)
@@ -85,6 +88,7 @@ class Daemon:
         self.hotswap: HotSwap | None = None
         self._watcher: EngineWatcher | None = None
         self.frontend: Frontend | None = None
+        self.samples: UncertainLog | None = None
         self._runner: web.AppRunner | None = None
         self._control: ControlServer | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -113,6 +117,7 @@ class Daemon:
         self._lock = _lock_state_dir(cfg.state_dir)
         hotkey = load_hotkey(cfg.wallet, cfg.state_dir, offline=cfg.auth.mode == "offline")
         self._hotkey = hotkey.ss58_address
+        await self._open_samples()
         await self._start_chain(hotkey)
         self.engine = await self._in_worker(self._load_engine)
         self.batcher = Batcher(
@@ -125,6 +130,8 @@ class Daemon:
             stats=self.stats,
         )
         self.spawn("batcher", self.batcher.run())
+        if self.samples is not None:
+            self.spawn("samples_writer", self.samples.run())
         self.hotswap = HotSwap(self.engine, self.batcher, self.worker, cfg.engine, cfg.engines_dir, self._swapped)
         commands = {"status": lambda _: self.snapshot().to_dict(), **self.hotswap.commands()}
         self._control = ControlServer(cfg.socket_path, commands)
@@ -161,6 +168,9 @@ class Daemon:
             self.batcher.close(ShuttingDown("miner is shutting down"))
         if self._watcher is not None:
             self._watcher.stop()
+        if self.samples is not None:
+            # Before the tasks are cancelled: the writer itself writes what is queued, then stops.
+            await _bounded(self.samples.close(), "samples")
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
@@ -185,6 +195,7 @@ class Daemon:
             refused=sum(s.refused.values()),
             failed=sum(s.failed.values()),
             uptime_s=round(time.time() - s.started, 1),
+            samples_written=self.samples.counters.written if self.samples else 0,
             errored=self.errored,
         )
 
@@ -230,6 +241,7 @@ class Daemon:
             latency_ms=s.latency.summary_ms(),
             decode_ms=s.decode_time.summary_ms(),
             engine_ms=s.engine_time.summary_ms(),
+            samples=self.samples.status() if self.samples else {"enabled": False},
         )
 
     def _chain_status(self) -> dict[str, Any]:
@@ -274,6 +286,16 @@ class Daemon:
         log.info("building_demo_engine", dir=str(engines))
         return build_demo_engine(engines)
 
+    async def _open_samples(self) -> None:
+        if not self.cfg.samples.enabled:
+            return
+        samples = UncertainLog(self.cfg.samples, self.cfg.samples_db)
+        try:
+            await samples.open()
+        except DatabaseError as e:
+            raise StartupError(f"samples.db: {e}") from e
+        self.samples = samples
+
     async def _start_chain(self, keypair: Any) -> None:
         """Online: the metagraph, refreshed in the background. Offline: the allowlist as a fixed roster."""
         cfg = self.cfg
@@ -309,6 +331,7 @@ class Daemon:
             decoder=self.decoder,
             limits=DecodeLimits(cfg.decode.max_image_bytes, cfg.decode.max_pixels, cfg.decode.formats),
             stats=self.stats,
+            samples=self.samples,
         )
         self._runner = web.AppRunner(
             self.frontend.make_app(),

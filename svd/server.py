@@ -24,6 +24,7 @@ from svd.config import ServerConfig
 from svd.decode import DecodeLimits, decode_image
 from svd.errors import BadRequest, PayloadTooLarge, RequestTimeout, SlowBody, SvdError, Unauthorized
 from svd.status import Stats
+from svd.uncertain import UncertainLog
 
 log = structlog.get_logger(__name__)
 
@@ -38,6 +39,7 @@ class Frontend:
     decoder: Executor
     limits: DecodeLimits
     stats: Stats
+    samples: UncertainLog | None = None  # the uncertain-sample log; None when [samples] is off
 
     def make_app(self) -> web.Application:
         # Body size is enforced by aiohttp while reading (413), before JSON parsing.
@@ -75,6 +77,17 @@ class Frontend:
         self.stats.served += 1
         self.stats.latency.add(elapsed)
         log.debug("answered", caller=identity.hotkey, prob=prediction.prob, ms=round(elapsed * 1000, 2))
+        if self.samples is not None:  # O(1), never waits: the answer goes out right after
+            self.samples.offer(
+                image_b64=query.image,
+                caller_hotkey=identity.hotkey,
+                prediction=prediction.prob,
+                features=prediction.features,
+                engine=prediction.engine,
+                engine_version=prediction.engine_version,
+                backbone_sha256=prediction.backbone_sha256,
+                testnet_label=None if query.testnet_label == -1 else query.testnet_label,
+            )
         return web.Response(
             body=protocol.success_body(name, prediction.prob, query, timeout, self.cfg.model_url),
             content_type="application/json",

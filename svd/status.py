@@ -81,6 +81,7 @@ class StatusSnapshot:
     latency_ms: dict[str, float]
     decode_ms: dict[str, float]
     engine_ms: dict[str, float]
+    samples: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -104,6 +105,7 @@ def render_table(s: dict[str, Any]) -> str:
         ("latency ms", _timing(s["latency_ms"])),
         ("decode ms", _timing(s["decode_ms"])),
         ("engine ms/batch", _timing(s["engine_ms"])),
+        ("samples", _samples(s.get("samples") or {})),
     ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
@@ -137,6 +139,20 @@ def _chain(c: dict[str, Any]) -> str:
         + f"uid {own['uid']}  stake {own['stake']:.2f}  trust {own['trust']:.4f}  "
         + f"incentive {own['incentive']:.4f}  emission {own['emission']:.4f}  axon {own['axon']}"
     )
+
+
+def _samples(c: dict[str, Any]) -> str:
+    if not c.get("enabled"):
+        return "off"
+    line = (
+        f"stored {c['stored']} ({c['db_bytes'] / 1e6:.1f} MB), queued {c['queued']}, written {c['written']}; "
+        f"offered {c['offered']}, kept {c['kept']}, dropped full {c['dropped_full']}"
+    )
+    line += f"\n{' ' * 19}write errors {c['write_errors']} (dropped {c['dropped_errors']}), "
+    line += f"retention deleted {c['retention_deleted']} in {c['retention_passes']} passes"
+    if c.get("last_error"):
+        line += f", last error: {c['last_error']}"
+    return line
 
 
 def _counts(c: dict[str, int]) -> str:

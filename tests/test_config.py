@@ -34,7 +34,7 @@ def test_no_file_gives_defaults() -> None:
         ({"server": 3}, "server: expected a table"),
         ({"batcher": {"max_batch": 0}}, "batcher.max_batch: expected an integer 1..1024, got 0"),
         ({"batcher": {"max_batch": 32, "max_queue": 8}}, "batcher.max_queue: expected an integer >= batcher.max_batch"),
-        ({"engine": {"backend": "cuda"}}, "engine.backend: expected one of auto, onnx, torch, got 'cuda'"),
+        ({"engine": {"backend": "cuda"}}, "engine.backend: expected one of auto, tensorrt, onnx, torch, got 'cuda'"),
         ({"decode": {"formats": ["GIF"]}}, "decode.formats: expected a non-empty list drawn from"),
         ({"decode": {"formats": "JPEG"}}, "decode.formats: expected a list, got a string"),
         ({"auth": {"allowlist": [{"hotkey": "5abc"}]}}, "auth.allowlist[0].hotkey: expected an ss58 address"),

@@ -1,0 +1,228 @@
+"""`svd samples`: what the uncertain-sample log holds, and export of a selection to a folder.
+
+Reads the database file directly, read-only, so it works whether the daemon
+runs or not (WAL lets readers and the one writer work at once).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import re
+import sqlite3
+import sys
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from svd.config import Config, SamplesConfig
+from svd.db import DatabaseError, connect_readonly
+
+LABEL_STATES = ("unlabelled", "testnet", "reviewed", "labelled")
+SOURCES = ("band", "testnet", "random")
+# A sample's label state: a review label wins over the testnet label.
+_STATE_SQL = (
+    "CASE WHEN review_label IS NOT NULL THEN 'reviewed'"
+    " WHEN testnet_label IS NOT NULL THEN 'testnet' ELSE 'unlabelled' END"
+)
+_LABEL_WHERE = {
+    "unlabelled": "review_label IS NULL AND testnet_label IS NULL",
+    "testnet": "review_label IS NULL AND testnet_label IS NOT NULL",
+    "reviewed": "review_label IS NOT NULL",
+    "labelled": "(review_label IS NOT NULL OR testnet_label IS NOT NULL)",
+}
+_EXTENSIONS = {"jpeg": "jpg", "png": "png", "webp": "webp"}
+_INDEX_FIELDS = (
+    "uid",
+    "image",
+    "image_sha256",
+    "received_at",
+    "caller_hotkey",
+    "prediction",
+    "source",
+    "testnet_label",
+    "review_label",
+    "reviewer",
+    "reviewed_at",
+    "engine",
+    "engine_version",
+    "backbone_sha256",
+    "feature_dim",
+)
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+@dataclass(frozen=True)
+class Selection:
+    label: str | None = None
+    source: str | None = None
+    since: float | None = None  # unix s
+    limit: int | None = None
+
+    def where(self) -> tuple[str, list[Any]]:
+        clauses: list[str] = []
+        params: list[Any] = []
+        if self.label:
+            clauses.append(_LABEL_WHERE[self.label])
+        if self.source:
+            clauses.append("source = ?")
+            params.append(self.source)
+        if self.since is not None:
+            clauses.append("received_at >= ?")
+            params.append(self.since)
+        return (" WHERE " + " AND ".join(clauses)) if clauses else "", params
+
+
+def counts(conn: sqlite3.Connection, band_low: float, band_high: float) -> dict[str, Any]:
+    """Samples by band (against the configured band), label state, source and UTC day."""
+
+    def grouped(expr: str, params: tuple[Any, ...] = ()) -> dict[str, int]:
+        rows = conn.execute(f"SELECT {expr} AS k, count(*) FROM samples GROUP BY k ORDER BY k", params)
+        return {str(k): int(n) for k, n in rows}
+
+    total, first, last = conn.execute("SELECT count(*), min(received_at), max(received_at) FROM samples").fetchone()
+    images, image_bytes = conn.execute("SELECT count(*), coalesce(sum(bytes), 0) FROM images").fetchone()
+    band = "CASE WHEN prediction BETWEEN ? AND ? THEN 'in-band' ELSE 'confident' END"
+    return {
+        "samples": int(total),
+        "images": int(images),
+        "image_bytes": int(image_bytes),
+        "first": first,
+        "last": last,
+        "band": {"in-band": 0, "confident": 0, **grouped(band, (band_low, band_high))},
+        "label": {"unlabelled": 0, "testnet": 0, "reviewed": 0, **grouped(_STATE_SQL)},
+        "source": grouped("source"),
+        "day": grouped("date(received_at, 'unixepoch')"),
+    }
+
+
+def export(conn: sqlite3.Connection, out: Path, selection: Selection) -> tuple[int, int]:
+    """Write the selected samples' images (named by hash) and index.csv + index.jsonl to `out`.
+
+    Oldest first. Returns (samples, image files written); an image already in
+    `out` is not written again.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    where, params = selection.where()
+    limit = f" LIMIT {int(selection.limit)}" if selection.limit else ""
+    rows = conn.execute(
+        "SELECT uid, image_sha256, received_at, caller_hotkey, prediction, source, testnet_label, review_label,"
+        " reviewer, reviewed_at, engine, engine_version, backbone_sha256, feature_dim, images.format"
+        f" FROM samples JOIN images ON images.sha256 = samples.image_sha256{where}"
+        f" ORDER BY received_at, id{limit}",
+        params,
+    )
+    n = written = 0
+    with (
+        open(out / "index.csv", "w", newline="") as csv_file,
+        open(out / "index.jsonl", "w") as jsonl,
+    ):
+        writer = csv.DictWriter(csv_file, fieldnames=_INDEX_FIELDS)
+        writer.writeheader()
+        for row in rows:
+            record = dict(zip(_INDEX_FIELDS[:1] + _INDEX_FIELDS[2:], row[:-1], strict=True))
+            name = f"{record['image_sha256']}.{_EXTENSIONS.get(row[-1], row[-1])}"
+            record["image"] = name
+            record["received_at"] = _iso(record["received_at"])
+            if record["reviewed_at"] is not None:
+                record["reviewed_at"] = _iso(record["reviewed_at"])
+            if not (out / name).exists():
+                _write_image(conn, record["image_sha256"], out / name)
+                written += 1
+            writer.writerow(record)
+            jsonl.write(json.dumps({k: record[k] for k in _INDEX_FIELDS}) + "\n")
+            n += 1
+    return n, written
+
+
+def parse_since(text: str, now: float | None = None) -> float:
+    """'36h', '7d', '90m' ago, or an ISO date/time (UTC unless it names a zone), as unix seconds."""
+    match = _DURATION.match(text)
+    if match:
+        return (time.time() if now is None else now) - float(match[1]) * _UNITS[match[2]]
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(f"--since: expected e.g. 24h, 7d or 2026-11-25[T12:00], got {text!r}") from None
+    return (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
+
+
+def render(c: dict[str, Any], cfg: SamplesConfig) -> str:
+    if not c["samples"]:
+        return "no samples stored"
+    lines = [
+        f"samples  {c['samples']} ({c['images']} images, {c['image_bytes'] / 1e6:.1f} MB of image bytes),"
+        f" {_iso(c['first'])} .. {_iso(c['last'])}",
+        f"band     {_pairs(c['band'])}  (band {cfg.band_low}..{cfg.band_high})",
+        f"label    {_pairs(c['label'])}",
+        f"source   {_pairs(c['source'])}",
+        "day (UTC)",
+        *(f"  {day}  {n}" for day, n in c["day"].items()),
+    ]
+    return "\n".join(lines)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print the counts as JSON")
+    p.set_defaults(func=run_samples, action=None)
+    sub = p.add_subparsers(dest="action", metavar="ACTION")
+    ex = sub.add_parser("export", help="write a selection's images and an index (CSV and JSONL) to DIR")
+    ex.add_argument("dir", type=Path)
+    ex.add_argument("--label", choices=LABEL_STATES, help="label state (labelled: testnet or reviewed)")
+    ex.add_argument("--source", choices=SOURCES, help="why it was kept")
+    ex.add_argument("--since", help="received since: 24h, 7d, or an ISO date/time (UTC)")
+    ex.add_argument("--limit", type=_positive_int, help="at most N samples, oldest first")
+
+
+def run_samples(args: argparse.Namespace, cfg: Config) -> int:
+    try:
+        conn = connect_readonly(cfg.samples_db)
+    except DatabaseError as e:
+        print(f"svd samples: {e}", file=sys.stderr)
+        return 1
+    try:
+        if args.action == "export":
+            try:
+                since = parse_since(args.since) if args.since else None
+            except ValueError as e:
+                print(f"svd samples export: {e}", file=sys.stderr)
+                return 2
+            selection = Selection(args.label, args.source, since, args.limit)
+            n, written = export(conn, args.dir, selection)
+            print(f"{n} samples exported to {args.dir} ({written} image files written, index.csv, index.jsonl)")
+            return 0
+        c = counts(conn, cfg.samples.band_low, cfg.samples.band_high)
+        print(json.dumps(c, indent=2) if args.json else render(c, cfg.samples))
+        return 0
+    except sqlite3.Error as e:
+        print(f"svd samples: {cfg.samples_db}: {e}", file=sys.stderr)
+        return 1
+    finally:
+        conn.close()
+
+
+def _write_image(conn: sqlite3.Connection, sha: str, path: Path) -> None:
+    data = conn.execute("SELECT data FROM images WHERE sha256 = ?", (sha,)).fetchone()[0]
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)  # a file under its final name is always complete
+
+
+def _iso(ts: float | None) -> str | None:
+    return None if ts is None else datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")
+
+
+def _pairs(d: dict[str, int]) -> str:
+    return "  ".join(f"{k} {v}" for k, v in d.items()) or "none"
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value

@@ -1,0 +1,161 @@
+"""`svd samples`: counts by band, label state, source and day; export of a selection."""
+
+import asyncio
+import csv
+import hashlib
+import json
+import random
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from svd.cli import main
+from svd.config import SamplesConfig
+from svd.samples import parse_since
+from svd.uncertain import UncertainLog
+from tests.test_uncertain import jpeg_b64
+
+DAY = 86_400.0
+T0 = 1_764_028_800.0  # 2025-11-25 00:00 UTC
+
+
+def config_file(tmp_path: Path) -> Path:
+    path = tmp_path / "svd.toml"
+    path.write_text("[samples]\nband_low = 0.4\nband_high = 0.6\n")  # the db: state/samples.db by default
+    return path
+
+
+def fill(db_path: Path) -> list[str]:
+    """Eight samples over two days, written by the real writer; returns their image b64 in order."""
+    # (day, prediction, testnet_label, image index): sources band, testnet, random (rate 1 catches the rest).
+    plan = [(0, 0.5, None, 0), (0, 0.45, None, 1), (0, 0.9, 1, 2), (0, 0.05, None, 3)]
+    plan += [(1, 0.55, None, 0), (1, 0.1, 0, 4), (1, 0.95, None, 5), (1, 0.42, None, 6)]
+    times = iter([T0 + day * DAY + i for i, (day, *_) in enumerate(plan)])
+    images = [jpeg_b64(i) for i in range(7)]
+    cfg = SamplesConfig(band_low=0.4, band_high=0.6, random_rate=1.0)
+
+    async def write() -> None:
+        log = UncertainLog(cfg, db_path, rng=random.Random(0), clock=times.__next__)
+        await log.open()
+        for _, pred, label, img in plan:
+            assert log.offer(
+                image_b64=images[img],
+                caller_hotkey="5Caller",
+                prediction=pred,
+                features=np.full(4, pred, dtype=np.float32),
+                engine="tiny",
+                engine_version="1",
+                backbone_sha256="ab" * 32,
+                testnet_label=label,
+            )
+        await log.close()
+
+    asyncio.run(write())
+    conn = sqlite3.connect(db_path)
+    # A reviewer labelled the day-1 band sample, as `svd review import` does.
+    conn.execute(
+        "UPDATE samples SET review_label = 1, reviewer = 'ann', reviewed_at = ? WHERE prediction = 0.55", (T0,)
+    )
+    conn.commit()
+    conn.close()
+    return images
+
+
+@pytest.fixture
+def cfg_path(tmp_path: Path) -> Path:
+    path = config_file(tmp_path)
+    fill(tmp_path / "state" / "samples.db")
+    return path
+
+
+def test_counts_by_band_label_source_and_day(cfg_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--config", str(cfg_path), "samples", "--json"]) == 0
+    c = json.loads(capsys.readouterr().out)
+    assert c["samples"] == 8 and c["images"] == 7
+    assert c["band"] == {"in-band": 4, "confident": 4}
+    assert c["label"] == {"unlabelled": 5, "testnet": 2, "reviewed": 1}
+    assert c["source"] == {"band": 4, "random": 2, "testnet": 2}
+    assert c["day"] == {"2025-11-25": 4, "2025-11-26": 4}
+    assert main(["--config", str(cfg_path), "samples"]) == 0
+    table = capsys.readouterr().out
+    assert "in-band 4  confident 4  (band 0.4..0.6)" in table and "2025-11-26  4" in table
+
+
+def test_export_writes_images_by_hash_and_an_index(
+    cfg_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    assert main(["--config", str(cfg_path), "samples", "export", str(out)]) == 0
+    assert "8 samples exported" in capsys.readouterr().out
+    index = [json.loads(line) for line in (out / "index.jsonl").read_text().splitlines()]
+    assert len(index) == 8 and [r["prediction"] for r in index][:2] == [0.5, 0.45]  # oldest first
+    with open(out / "index.csv", newline="") as f:
+        assert [r["uid"] for r in csv.DictReader(f)] == [r["uid"] for r in index]
+    files = sorted(p.name for p in out.glob("*.jpg"))
+    assert len(files) == 7  # the image two callers sent is one file
+    for r in index:
+        data = (out / r["image"]).read_bytes()
+        assert (
+            r["image"] == hashlib.sha256(data).hexdigest() + ".jpg"
+            and hashlib.sha256(data).hexdigest() == r["image_sha256"]
+        )
+    reviewed = [r for r in index if r["review_label"] is not None]
+    assert [(r["review_label"], r["reviewer"], r["source"]) for r in reviewed] == [(1, "ann", "band")]
+    assert index[0]["received_at"] == "2025-11-25T00:00:00.000+00:00"
+
+
+def test_export_selects_by_label_source_since_and_limit(cfg_path: Path, tmp_path: Path) -> None:
+    def exported(*args: str) -> list[dict]:
+        out = tmp_path / "x" / "-".join(args)
+        assert main(["--config", str(cfg_path), "samples", "export", str(out), *args]) == 0
+        return [json.loads(line) for line in (out / "index.jsonl").read_text().splitlines()]
+
+    assert [r["prediction"] for r in exported("--label", "unlabelled")] == [0.5, 0.45, 0.05, 0.95, 0.42]
+    assert [r["testnet_label"] for r in exported("--label", "testnet")] == [1, 0]
+    assert len(exported("--label", "labelled")) == 3
+    assert [r["prediction"] for r in exported("--source", "random")] == [0.05, 0.95]
+    assert [r["prediction"] for r in exported("--since", "2025-11-26")] == [0.55, 0.1, 0.95, 0.42]
+    assert [r["prediction"] for r in exported("--label", "unlabelled", "--source", "band", "--limit", "2")] == [
+        0.5,
+        0.45,
+    ]
+
+
+def test_since_accepts_durations_and_iso_times() -> None:
+    assert parse_since("36h", now=1000_000.0) == 1000_000.0 - 36 * 3600
+    assert parse_since("7d", now=1000_000.0) == 1000_000.0 - 7 * DAY
+    assert parse_since("2025-11-25") == T0
+    assert parse_since("2025-11-25T01:00+01:00") == T0
+    with pytest.raises(ValueError, match=r"--since: expected e\.g\. 24h"):
+        parse_since("yesterday")
+
+
+def test_errors_name_the_file_or_the_option(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = config_file(tmp_path)
+    assert main(["--config", str(cfg), "samples"]) == 1
+    assert f"no samples database at {tmp_path / 'state' / 'samples.db'}" in capsys.readouterr().err
+    fill(tmp_path / "state" / "samples.db")
+    assert main(["--config", str(cfg), "samples", "export", str(tmp_path / "o"), "--since", "soon"]) == 2
+    assert "--since: expected" in capsys.readouterr().err
+
+
+def test_it_reads_while_a_writer_holds_the_database(cfg_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    writer = sqlite3.connect(cfg_path.parent / "state" / "samples.db", isolation_level=None)
+    writer.execute("BEGIN IMMEDIATE")
+    writer.execute("DELETE FROM samples")
+    assert main(["--config", str(cfg_path), "samples", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["samples"] == 8  # the last committed state, no waiting
+    writer.execute("ROLLBACK")
+    writer.close()
+
+
+def test_the_database_follows_the_state_dir_unless_named(tmp_path: Path) -> None:
+    from svd.config import config_from_dict
+
+    assert config_from_dict({}, base_dir=tmp_path).samples_db == tmp_path / "state" / "samples.db"
+    moved = config_from_dict({"daemon": {"state_dir": "/var/lib/svd"}}, base_dir=tmp_path)
+    assert moved.samples_db == Path("/var/lib/svd/samples.db")
+    named = config_from_dict({"samples": {"db": "data/s.db"}}, base_dir=tmp_path)
+    assert named.samples_db == tmp_path / "data" / "s.db"

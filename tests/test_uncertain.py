@@ -1,0 +1,436 @@
+"""The uncertain-sample log: policy, bounded queue, batched writer, shutdown flush, write errors, retention."""
+
+import asyncio
+import base64
+import hashlib
+import inspect
+import io
+import itertools
+import random
+import sqlite3
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from svd import db
+from svd.config import SamplesConfig
+from svd.uncertain import MAX_ATTEMPTS, SamplePolicy, UncertainLog
+from tests.helpers import VALIDATOR, make_config, running_daemon
+
+CFG = SamplesConfig(flush_interval_s=60.0, batch_max=8, queue_max=64)
+FEATURES = np.linspace(-1, 1, 16, dtype=np.float32)
+
+
+def jpeg_b64(i: int, size: int = 32) -> str:
+    """A small JPEG unique to i (its noise is seeded by i)."""
+    pixels = np.random.default_rng(i).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="JPEG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def offer(log: UncertainLog, image: str, prediction: float = 0.5, label: int | None = None, **kw: object) -> bool:
+    args: dict = {
+        "image_b64": image,
+        "caller_hotkey": "5Caller",
+        "prediction": prediction,
+        "features": FEATURES,
+        "engine": "tiny",
+        "engine_version": "0.1.0",
+        "backbone_sha256": "ab" * 32,
+        "testnet_label": label,
+    }
+    args.update(kw)
+    return log.offer(**args)
+
+
+def rows(path: Path, sql: str = "SELECT uid FROM samples ORDER BY id") -> list[tuple]:
+    conn = sqlite3.connect(path)
+    try:
+        return conn.execute(sql).fetchall()
+    finally:
+        conn.close()
+
+
+def ticks() -> Iterator[float]:
+    return itertools.count(1_700_000_000.0, 1.0)
+
+
+Opener = Callable[..., Awaitable[UncertainLog]]
+
+
+@pytest.fixture
+async def opened(tmp_path: Path) -> AsyncIterator[Opener]:
+    """Opens logs on tmp_path and closes them after the test, failed or not (aiosqlite's thread is not a daemon)."""
+    made: list[UncertainLog] = []
+
+    async def open_log(cfg: SamplesConfig = CFG, name: str = "samples.db", **kw: object) -> UncertainLog:
+        log = UncertainLog(cfg, tmp_path / name, **kw)  # type: ignore[arg-type]
+        made.append(log)
+        await log.open()
+        return log
+
+    yield open_log
+    for log in made:
+        if log._conn is not None:
+            await log.close()
+
+
+# Policy
+
+
+def test_band_is_inclusive_and_testnet_labels_are_kept() -> None:
+    policy = SamplePolicy(0.35, 0.65, random_rate=0.0)
+    assert [policy.source(p, None) for p in (0.35, 0.5, 0.65)] == ["band"] * 3
+    assert [policy.source(p, None) for p in (0.0, 0.3499, 0.6501, 1.0)] == [None] * 4
+    assert policy.source(0.99, 1) == policy.source(0.01, 0) == "testnet"
+    assert policy.source(0.5, 1) == "band"  # the band is the first reason; the label is stored anyway
+
+
+def test_confident_answers_are_kept_at_the_seeded_rate() -> None:
+    policy = SamplePolicy(0.35, 0.65, random_rate=0.05, rng=random.Random(7))
+    kept = [i for i in range(20_000) if policy.source(0.9, None) == "random"]
+    # Exactly the draws the same seed gives: reproducible, and near the rate.
+    twin = random.Random(7)
+    assert kept == [i for i in range(20_000) if twin.random() < 0.05]
+    assert 800 < len(kept) < 1200
+    assert SamplePolicy(0.35, 0.65, 0.0, rng=random.Random(7)).source(0.9, None) is None
+    assert SamplePolicy(0.35, 0.65, 1.0, rng=random.Random(7)).source(0.9, None) == "random"
+
+
+# Queue
+
+
+def test_offer_is_synchronous_and_a_full_queue_drops_and_counts(tmp_path: Path) -> None:
+    assert not inspect.iscoroutinefunction(UncertainLog.offer)
+    log = UncertainLog(replace(CFG, queue_max=8), tmp_path / "s.db", rng=random.Random(1))
+    # No writer runs and no loop is needed: offer() only appends.
+    results = [offer(log, jpeg_b64(i)) for i in range(20)]
+    assert results == [True] * 8 + [False] * 12
+    assert offer(log, jpeg_b64(0), prediction=0.99) is False  # not kept: not a drop
+    c = log.counters
+    assert (c.offered, c.kept, c.dropped_full, log.depth) == (21, 20, 12, 8)
+
+
+def test_the_queue_is_bounded_in_bytes_too(tmp_path: Path) -> None:
+    big = "A" * 400_000
+    log = UncertainLog(replace(CFG, queue_max_bytes=1_000_000), tmp_path / "s.db")
+    assert [offer(log, big) for _ in range(4)] == [True, True, False, False]
+    assert log.counters.dropped_full == 2
+
+
+# Writer
+
+
+async def test_a_full_batch_wakes_the_writer(opened: Opener, tmp_path: Path) -> None:
+    log = await opened(replace(CFG, batch_max=5, flush_interval_s=60.0))
+    writer = asyncio.create_task(log.run())
+    for i in range(4):
+        offer(log, jpeg_b64(i))
+    await asyncio.sleep(0.2)
+    assert log.counters.written == 0  # under a batch, and the interval is a minute away
+    offer(log, jpeg_b64(4))
+    await _until(lambda: log.counters.written == 5, 5.0)
+    assert log.counters.flushes == 1
+    await log.close()
+    await writer
+    assert len(rows(log.path)) == 5
+
+
+async def test_a_partial_batch_lands_on_the_interval(opened: Opener, tmp_path: Path) -> None:
+    log = await opened(replace(CFG, batch_max=50, flush_interval_s=0.05))
+    writer = asyncio.create_task(log.run())
+    for i in range(3):
+        offer(log, jpeg_b64(i))
+    await _until(lambda: log.counters.written == 3, 5.0)
+    assert len(rows(log.path)) == 3
+    await log.close()
+    await writer
+
+
+async def test_one_image_from_two_callers_is_stored_once(opened: Opener, tmp_path: Path) -> None:
+    log = await opened()
+    image = jpeg_b64(1)
+    offer(log, image, caller_hotkey="5Alice")
+    offer(log, image, caller_hotkey="5Bob", prediction=0.4)
+    await log.flush()
+    offer(log, image, caller_hotkey="5Carol")  # and again in a later batch
+    await log.close()
+    raw = base64.b64decode(image)
+    images = rows(log.path, "SELECT sha256, data, format, bytes FROM images")
+    assert len(images) == 1
+    sha, data, fmt, nbytes = images[0]
+    assert (data, fmt, nbytes) == (raw, "jpeg", len(raw))
+    assert sha == hashlib.sha256(raw).hexdigest()
+    callers = rows(log.path, "SELECT caller_hotkey, image_sha256 FROM samples ORDER BY id")
+    assert callers == [("5Alice", sha), ("5Bob", sha), ("5Carol", sha)]
+
+
+async def test_features_and_fields_round_trip_exactly(opened: Opener, tmp_path: Path) -> None:
+    odd = np.array([0.0, -0.0, 1e-45, -3.4e38, np.pi, 1 / 3, 7.25], dtype=np.float32)
+    log = await opened(clock=iter([123.5]).__next__)
+    offer(log, jpeg_b64(2), prediction=0.61, label=1, features=odd, engine="e", engine_version="v9")
+    await log.close()
+    ((blob, dim, pred, label, source, received, engine, version),) = rows(
+        log.path,
+        "SELECT features, feature_dim, prediction, testnet_label, source, received_at, engine, engine_version"
+        " FROM samples",
+    )
+    back = np.frombuffer(blob, dtype="<f4")
+    assert dim == 7 and back.tobytes() == odd.tobytes()
+    assert (pred, label, source, received, engine, version) == (0.61, 1, "band", 123.5, "e", "v9")
+
+
+async def test_close_writes_everything_queued(opened: Opener, tmp_path: Path) -> None:
+    log = await opened(replace(CFG, queue_max=500, batch_max=64))
+    writer = asyncio.create_task(log.run())
+    uids = []
+    for i in range(300):
+        assert offer(log, jpeg_b64(i % 50))
+        uids.append(log._queue[-1].uid)
+    await log.close()
+    await writer
+    assert [r[0] for r in rows(log.path)] == uids
+    assert offer(log, jpeg_b64(1)) is False and log.counters.dropped_closed == 1
+
+
+async def test_a_failing_write_is_counted_retried_and_the_writer_goes_on(opened: Opener, tmp_path: Path) -> None:
+    log = await opened(replace(CFG, flush_interval_s=0.02))
+    writer = asyncio.create_task(log.run())
+    # A real SQLite error in the real write path, as a full disk would raise one.
+    other = sqlite3.connect(log.path, isolation_level=None)
+    other.execute("CREATE TRIGGER fail BEFORE INSERT ON samples BEGIN SELECT RAISE(ABORT, 'disk is full'); END")
+    offer(log, jpeg_b64(1))
+    await _until(lambda: log.counters.write_errors >= 1, 2.0)
+    assert "disk is full" in (log.counters.last_error or "")
+    assert rows(log.path, "SELECT count(*) FROM images") == [(0,)]  # the batch's transaction rolled back whole
+    other.execute("DROP TRIGGER fail")
+    await _until(lambda: log.counters.written == 1, 2.0)
+    assert not writer.done()
+    offer(log, jpeg_b64(2))
+    await log.close()
+    await writer
+    assert len(rows(log.path)) == 2 and log.counters.dropped_errors == 0
+    other.close()
+
+
+async def test_a_batch_that_keeps_failing_is_dropped_and_counted(opened: Opener, tmp_path: Path) -> None:
+    log = await opened()
+    other = sqlite3.connect(log.path, isolation_level=None)
+    other.execute("CREATE TRIGGER fail BEFORE INSERT ON samples BEGIN SELECT RAISE(ABORT, 'disk is full'); END")
+    for i in range(3):
+        offer(log, jpeg_b64(i))
+    for _ in range(MAX_ATTEMPTS):
+        assert await log.flush() is False
+    c = log.counters
+    assert (c.write_errors, c.dropped_errors, c.written, log.depth) == (MAX_ATTEMPTS, 3, 0, 0)
+    other.execute("DROP TRIGGER fail")
+    offer(log, jpeg_b64(9))
+    assert await log.flush() is True
+    await log.close()
+    other.close()
+    assert len(rows(log.path)) == 1
+
+
+async def test_a_briefly_locked_database_is_waited_for(opened: Opener, tmp_path: Path) -> None:
+    log = await opened()
+    other = sqlite3.connect(log.path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # another writer holds the lock
+    offer(log, jpeg_b64(1))
+    flush = asyncio.create_task(log.flush())
+    await asyncio.sleep(0.3)
+    assert not flush.done()
+    other.execute("COMMIT")
+    assert await flush is True
+    await log.close()
+    other.close()
+    assert log.counters.write_errors == 0 and len(rows(log.path)) == 1
+
+
+# Retention
+
+
+@pytest.mark.parametrize(
+    ("max_samples", "max_bytes"),
+    [(250, 50_000_000), (100_000, 1_000_000)],
+    ids=["count cap", "bytes cap"],
+)
+async def test_retention_keeps_a_long_run_within_its_caps(
+    opened: Opener, tmp_path: Path, max_samples: int, max_bytes: int
+) -> None:
+    cfg = replace(CFG, batch_max=50, queue_max=100, max_samples=max_samples, max_bytes=max_bytes)
+    log = await opened(cfg, clock=ticks().__next__)
+    labelled = []
+    sizes = []
+    for i in range(4000):
+        label = 1 if i < 20 and i % 2 else None
+        offer(log, jpeg_b64(i, size=48), label=label)
+        if label is not None:
+            labelled.append(log._queue[-1].uid)
+        if log.depth == cfg.batch_max:
+            assert await log.flush()
+            conn = db.connect_readonly(log.path)
+            count = conn.execute("SELECT count(*) FROM samples").fetchone()[0]
+            assert count <= max_samples
+            assert db.used_bytes(conn) <= max_bytes
+            conn.close()
+            sizes.append(log.path.stat().st_size)
+    await log.close()
+    c = log.counters
+    assert c.written == 4000 and c.retention_passes >= 5 and c.retention_deleted > 3000
+
+    kept = rows(log.path, "SELECT uid, testnet_label FROM samples ORDER BY received_at")
+    assert [uid for uid, label in kept if label is not None] == labelled  # labelled ones outlive their age
+    # What is left is the newest, oldest deleted first: one unbroken run up to the last sample.
+    times = [t for (t,) in rows(log.path, "SELECT received_at FROM samples WHERE testnet_label IS NULL")]
+    assert times == [times[0] + k for k in range(len(times))] and times[-1] == 1_700_000_000.0 + 3999
+    orphans = rows(log.path, "SELECT count(*) FROM images WHERE sha256 NOT IN (SELECT image_sha256 FROM samples)")
+    assert orphans == [(0,)]
+    # Incremental vacuum gives space back: the file stays near the cap instead of growing with the run.
+    assert max(sizes) < 2 * min(max_bytes, 2_000_000), sizes
+
+
+async def test_retention_may_delete_labelled_samples_when_configured(opened: Opener, tmp_path: Path) -> None:
+    for deletes_labelled, left in ((False, 30), (True, 27)):
+        cfg = replace(CFG, batch_max=30, max_samples=30, retention_deletes_labelled=deletes_labelled)
+        log = await opened(cfg, f"{deletes_labelled}.db", clock=ticks().__next__)
+        for i in range(30):
+            offer(log, jpeg_b64(i), label=i % 2)  # every one labelled
+        await log.flush()
+        for i in range(30, 60):
+            offer(log, jpeg_b64(i))
+        await log.flush()
+        await log.close()
+        labelled = rows(log.path, "SELECT count(*) FROM samples WHERE testnet_label IS NOT NULL")[0][0]
+        total = rows(log.path, "SELECT count(*) FROM samples")[0][0]
+        # Off: only the 30 unlabelled could go (down to 27 = 90 % of the cap would need labelled ones).
+        assert (labelled, total) == ((30, 30) if not deletes_labelled else (0, left)), (labelled, total)
+
+
+async def _until(condition: object, timeout: float) -> None:
+    async with asyncio.timeout(timeout):
+        while not condition():  # type: ignore[operator]
+            await asyncio.sleep(0.005)
+
+
+async def test_a_retention_pass_gives_the_space_back_to_the_file_system(opened: Opener, tmp_path: Path) -> None:
+    big = replace(CFG, batch_max=100, queue_max=100)
+    log = await opened(big, clock=ticks().__next__)
+    for i in range(1000):
+        offer(log, jpeg_b64(i, size=64))
+        if log.depth == 100:
+            await log.flush()
+    await log.close()
+    full = log.path.stat().st_size
+    # The operator lowers the cap: the next pass deletes 90 % and the file shrinks with it.
+    log = await opened(replace(big, max_samples=100), clock=ticks().__next__)
+    offer(log, jpeg_b64(5000, size=64))
+    await log.flush()
+    await log.close()
+    assert rows(log.path, "SELECT count(*) FROM samples") == [(90,)]
+    assert log.path.stat().st_size < full * 0.2, (full, log.path.stat().st_size)
+
+
+# Through the daemon
+
+
+async def test_an_answer_in_the_band_lands_with_the_engines_features(
+    tmp_path: Path, tiny_engine: Path, jpegs: list[bytes]
+) -> None:
+    from svd.decode import DecodeLimits, decode_image
+    from svd.engine import load_engine
+    from tests.test_server import query
+
+    cfg = make_config(tmp_path, tiny_engine, samples={"random_rate": 0.0})
+    image = base64.b64encode(jpegs[3]).decode()
+    async with running_daemon(cfg) as d:
+        miner = d.snapshot().hotkey
+        status, body, _ = await query(d.port, miner, image)
+        assert status == 200 and 0.35 <= body["prediction"] <= 0.65, body  # the random tiny engine answers ~0.5
+        status, _, _ = await query(d.port, miner, base64.b64encode(jpegs[4]).decode(), testnet_label=0)
+        assert status == 200
+        samples = d.snapshot().samples
+        assert samples["offered"] == 2 and samples["kept"] == 2
+        engine = d.engine
+        assert engine is not None
+    assert d.snapshot().samples["written"] == 2  # shutdown flushed them
+    ((sha, pred, feats, dim, label, source, name, version, backbone, caller),) = rows(
+        cfg.samples_db,
+        "SELECT image_sha256, prediction, features, feature_dim, testnet_label, source, engine, engine_version,"
+        " backbone_sha256, caller_hotkey FROM samples WHERE testnet_label IS NULL",
+    )
+    assert sha == hashlib.sha256(jpegs[3]).hexdigest()
+    assert (pred, label, source, caller) == (body["prediction"], None, "band", VALIDATOR.ss58_address)
+    assert (name, version, backbone) == (engine.name, engine.version, engine.manifest.backbone_sha256)
+    assert backbone and len(backbone) == 64
+    # The features stored are the engine's own for this image, bit for bit.
+    reference = load_engine(tiny_engine)
+    limits = DecodeLimits(cfg.decode.max_image_bytes, cfg.decode.max_pixels, cfg.decode.formats)
+    expected = reference.infer(decode_image(image, limits)[None]).features[0]
+    reference.close()
+    assert dim == expected.size and np.frombuffer(feats, dtype="<f4").tobytes() == expected.tobytes()
+    assert rows(cfg.samples_db, "SELECT testnet_label FROM samples WHERE testnet_label IS NOT NULL") == [(0,)]
+
+
+async def test_samples_off_means_no_database(tmp_path: Path, tiny_engine: Path, jpegs_b64: list[str]) -> None:
+    from tests.test_server import query
+
+    cfg = make_config(tmp_path, tiny_engine, samples={"enabled": False})
+    async with running_daemon(cfg) as d:
+        assert (await query(d.port, d.snapshot().hotkey, jpegs_b64[0]))[0] == 200
+        assert d.snapshot().samples == {"enabled": False}
+    assert not cfg.samples_db.exists()
+
+
+async def test_a_newer_database_stops_start_up_with_the_reason(tmp_path: Path, tiny_engine: Path) -> None:
+    from svd.daemon import StartupError
+
+    cfg = make_config(tmp_path, tiny_engine)
+    conn = db.connect(cfg.samples_db)
+    conn.execute("INSERT INTO schema_version VALUES (9, 0)")
+    conn.close()
+    with pytest.raises(StartupError, match=r"samples\.db: .* schema version 9 is newer than this svd knows"):
+        async with running_daemon(cfg):
+            pass
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"band_low": 0.7}, "samples.band_high: expected a number in [0, 1] and > samples.band_low, got 0.65"),
+        ({"band_low": -0.1}, "samples.band_low: expected a number in [0, 1], got -0.1"),
+        ({"band_high": 1.5}, "samples.band_high: expected a number in [0, 1] and > samples.band_low, got 1.5"),
+        ({"random_rate": 2}, "samples.random_rate: expected a number in [0, 1], got 2.0"),
+        ({"batch_max": 0}, "samples.batch_max: expected an integer 1..10000, got 0"),
+        ({"queue_max": 10}, "samples.queue_max: expected an integer >= samples.batch_max, got 10"),
+        ({"flush_interval_s": 0}, "samples.flush_interval_s: expected a number 0.01..60, got 0.0"),
+        ({"max_samples": 0}, "samples.max_samples: expected an integer >= 1, got 0"),
+        ({"max_bytes": 10}, "samples.max_bytes: expected an integer >= 1000000, got 10"),
+        ({"enabled": "yes"}, "samples.enabled: expected true or false, got a string"),
+    ],
+)
+def test_bad_samples_config_names_the_key(values: dict, message: str) -> None:
+    from svd.config import ConfigError, config_from_dict
+
+    with pytest.raises(ConfigError) as err:
+        config_from_dict({"samples": values})
+    assert str(err.value) == message
+
+
+async def test_the_image_format_is_recorded(opened: Opener) -> None:
+    log = await opened()
+    for i, fmt in enumerate(("PNG", "WEBP", "JPEG", "GIF")):
+        buf = io.BytesIO()
+        Image.new("RGB", (8, 8), (i, 0, 0)).save(buf, format=fmt)
+        offer(log, base64.b64encode(buf.getvalue()).decode())
+    await log.close()
+    assert rows(log.path, "SELECT format FROM images ORDER BY first_seen, rowid") == [
+        ("png",),
+        ("webp",),
+        ("jpeg",),
+        ("gif",),
+    ]
