@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from svd.backends.base import Backend, blank_images
-from svd.backends.select import select_backend
+from svd.backends.select import choose_backend
 from svd.manifest import (
     BACKBONE_PLAN,
     HEAD,
@@ -105,6 +105,8 @@ class Engine:
         self.backbone_reused = self._shared.users > 1
         self._head: Head | None = head
         self._closed = False
+        # Why this engine's TensorRT plan is not what serves (None: no plan, or it serves).
+        self.plan_unusable: str | None = None
 
     @property
     def shared_backend(self) -> SharedBackend:
@@ -228,9 +230,10 @@ def load_engine(
     shared = _reusable(reuse, manifest)
     if shared is not None and reuse is not None:
         log.info("engine_backbone_reused", engine=manifest.name, source=reuse.name, backend=shared.backend.name)
-        return Engine(path, manifest, shared.acquire(), head)
-    runtime = select_backend(backend, threads, manifest=manifest)
-    runtime.load(path, manifest)
+        engine = Engine(path, manifest, shared.acquire(), head)
+        engine.plan_unusable = reuse.plan_unusable
+        return engine
+    runtime, plan_unusable = _load_backbone(path, manifest, backend, threads)
     log.info(
         "engine_loaded",
         engine=manifest.name,
@@ -239,7 +242,28 @@ def load_engine(
         path=str(path),
         flip_tta=manifest.flip_tta,
     )
-    return Engine(path, manifest, runtime, head)
+    engine = Engine(path, manifest, runtime, head)
+    engine.plan_unusable = plan_unusable
+    return engine
+
+
+def _load_backbone(path: Path, manifest: Manifest, backend: str, threads: int) -> tuple[Backend, str | None]:
+    """The chosen backend, loaded. Under "auto", a plan whose facts match this machine can still
+    fail to deserialize (another driver, another GPU model of the same arch): the engine's own
+    backbone.onnx then serves, with a warning, rather than the engine being refused."""
+    choice = choose_backend(backend, threads, manifest=manifest)
+    try:
+        choice.backend.load(path, manifest)
+    except EngineError as exc:
+        if backend != "auto" or choice.backend.name != "tensorrt":
+            raise
+        choice.backend.close()
+        reason = f"plan failed to load: {exc}"
+        log.warning("plan_unusable", engine=manifest.name, reason=reason)
+        fallback = choose_backend("onnx", threads, manifest=manifest).backend
+        fallback.load(path, manifest)
+        return fallback, reason
+    return choice.backend, choice.plan_unusable
 
 
 def list_engines(engines_dir: Path) -> list[Path]:

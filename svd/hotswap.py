@@ -11,6 +11,7 @@ worker is FIFO, so a batch already handed to the old engine finishes first).
 from __future__ import annotations
 
 import asyncio
+import shutil
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor
@@ -98,6 +99,10 @@ class HotSwap:
         self.pinned = bool(cfg.name)
         self.swaps = 0
         self.last_refusal: Refusal | None = None
+        # Engines served before the current one in this run, oldest first: rollback's first choice.
+        self._served: list[Path] = []
+        # Refused in this run: rollback does not try them again.
+        self._refused: set[Path] = set()
         # One swap at a time, whether from the watcher or a command.
         self._lock = asyncio.Lock()
 
@@ -107,6 +112,7 @@ class HotSwap:
             "name": e.name,
             "version": e.version,
             "backend": e.backend_name,
+            "plan_unusable": e.plan_unusable,
             "path": str(e.path),
             "created": e.manifest.created.isoformat(),
             "pinned": self.pinned,
@@ -151,19 +157,35 @@ class HotSwap:
             return self.status()
 
     async def rollback(self) -> dict[str, Any]:
-        """Pin and serve the newest engine older than the serving one."""
+        """Pin and serve the engine that served before this one; after a restart (no history),
+        the newest older engine on disk. Candidates refused in this run are skipped, and one that
+        fails to load is refused and the next is tried, so a bad engine never blocks a rollback."""
         async with self._lock:
-            current = _serving_order(self.serving)
-            older = sorted((o, p) for p in list_engines(self._dir) if (o := _safe_order(p)) and o < current)
-            if not older:
-                raise SwapRefused(f"no engine older than {self.serving.name} in {self._dir}")
-            path = older[-1][1]
-            if not await self._verify_and_swap(path):
-                raise SwapRefused(
-                    f"engine {path.name!r} refused: {self.last_refusal.error if self.last_refusal else '?'}"
-                )
-            self.pinned = True
-            return self.status()
+            candidates = self._rollback_candidates()
+            if not candidates:
+                raise SwapRefused(f"no engine to roll back to from {self.serving.name} in {self._dir}")
+            for path in candidates:
+                # A rollback pops the history rather than pushing onto it, so a second
+                # rollback goes further back instead of returning to where the first began.
+                if await self._verify_and_swap(path, remember=False):
+                    self._served = [p for p in self._served if p != path]
+                    self.pinned = True
+                    return self.status()
+            tried = ", ".join(p.name for p in candidates)
+            raise SwapRefused(f"every rollback candidate was refused ({tried}); still serving {self.serving.name}")
+
+    def _rollback_candidates(self) -> list[Path]:
+        on_disk = set(list_engines(self._dir))
+        current = _serving_order(self.serving)
+        older = sorted(((o, p) for p in on_disk if (o := _safe_order(p)) and o < current), reverse=True)
+        ordered = [*reversed(self._served), *(p for _, p in older)]
+        seen: set[Path] = {self.serving.path}
+        picked = []
+        for path in ordered:
+            if path in on_disk and path not in seen and path not in self._refused:
+                seen.add(path)
+                picked.append(path)
+        return picked
 
     async def _verified(self, path: Path) -> Manifest | None:
         """Hashes and manifest checked in a thread of its own: hashing a large backbone takes
@@ -174,11 +196,11 @@ class HotSwap:
             self._refuse(path.name, e)
             return None
 
-    async def _verify_and_swap(self, path: Path) -> bool:
+    async def _verify_and_swap(self, path: Path, remember: bool = True) -> bool:
         manifest = await self._verified(path)
-        return manifest is not None and await self._swap(path, manifest)
+        return manifest is not None and await self._swap(path, manifest, remember)
 
-    async def _swap(self, path: Path, manifest: Manifest) -> bool:
+    async def _swap(self, path: Path, manifest: Manifest, remember: bool = True) -> bool:
         """Load, warm up and canary on the worker, then swap. Caller holds the lock."""
         loop = asyncio.get_running_loop()
         try:
@@ -191,10 +213,31 @@ class HotSwap:
         self._batcher.engine = new
         self.serving = new
         self.swaps += 1
+        if remember:
+            self._served = [p for p in self._served if p != new.path] + [old.path]
+        self._refused.discard(new.path)
         self._on_swap(new)
         log.info("engine_swapped", name=new.name, version=new.version, previous=old.name, swaps=self.swaps)
         await loop.run_in_executor(self._worker, old.close)
+        await asyncio.to_thread(self._prune)
         return True
+
+    def _prune(self) -> None:
+        """Keeps the `keep` newest engine directories besides the serving one; removes older ones."""
+        if self._cfg.keep == 0:
+            return
+        others = sorted(
+            ((o, p) for p in list_engines(self._dir) if p != self.serving.path and (o := _safe_order(p))),
+            reverse=True,
+        )
+        for _, path in others[self._cfg.keep :]:
+            try:
+                shutil.rmtree(path)
+            except OSError as e:
+                log.warning("engine_prune_failed", path=str(path), error=str(e))
+                continue
+            self._served = [p for p in self._served if p != path]
+            log.info("engine_pruned", name=path.name, keep=self._cfg.keep)
 
     def _prepare(self, path: Path, manifest: Manifest) -> Engine:
         """Runs on the worker thread; the new engine is closed again if any check fails.
@@ -216,6 +259,7 @@ class HotSwap:
 
     def _refuse(self, name: str, error: BaseException) -> None:
         text = str(error) or repr(error)
+        self._refused.add(self._dir / name)
         self.last_refusal = Refusal(name, text, round(time.time(), 3))
         log.error("engine_refused", name=name, error=text, serving=self.serving.name)
 

@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from safetensors.torch import load_file, save
 
 from svd import protocol
 from svd.config import Config
@@ -39,6 +38,7 @@ from svd.manifest import BACKBONE_ONNX, HEAD, InputSpec, read_manifest, utc_now,
 
 STAGING = ".swapbench"  # dot-named: the watcher and list_engines() ignore it
 OUTCOME_TIMEOUT_S = 120.0
+SWAPS = 10
 
 
 @dataclass(frozen=True)
@@ -62,6 +62,9 @@ def _copy(source: Path, staging: Path, name: str, **edits: Any) -> Path:
 
 def _nudged_head(source: Path, seed: int) -> bytes:
     """The source head with its weights nudged: a distinct engine on the same backbone."""
+    # Imported here: torch takes ~1 s to import, and every `svd` command parses this module's arguments.
+    from safetensors.torch import load_file, save
+
     rng = np.random.default_rng(seed)
     state = load_file(str(source / HEAD))
     nudged = {}
@@ -276,6 +279,9 @@ def run_swapbench(args: argparse.Namespace, cfg: Config) -> int:
         raise SystemExit(f"svd swapbench: run it beside a running daemon ({e})") from None
     if not cfg.engine.watch:
         raise SystemExit("svd swapbench: needs [engine] watch = true in the daemon's config")
+    if 0 < cfg.engine.keep < SWAPS + 1:
+        # The daemon would prune the serving engine's predecessors, yours among them, mid-run.
+        raise SystemExit(f"svd swapbench: needs [engine] keep = 0 or >= {SWAPS + 1} (it is {cfg.engine.keep})")
     port = args.port or cfg.server.port
     figures = asyncio.run(
         run_swaps(

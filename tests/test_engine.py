@@ -22,6 +22,7 @@ from svd.engine import EngineOutputError, list_engines, load_engine, newest_engi
 from svd.manifest import (
     BACKBONE_CONFIG,
     BACKBONE_ONNX,
+    BACKBONE_PLAN,
     BACKBONE_WEIGHTS,
     HEAD,
     MANIFEST_NAME,
@@ -297,3 +298,54 @@ def test_atomic_write_refuses_existing_target_and_bad_names(built: Path, tmp_pat
     with pytest.raises(EngineError, match="not a plain file name"):
         write_engine_dir(tmp_path / "other", manifest, {"sub/x": b""})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["new"]
+
+
+class _PlanThatWillNotLoad:
+    """The GPU edge: a TensorRT backend whose plan TensorRT refuses to deserialize."""
+
+    name = "tensorrt"
+    closed = False
+
+    def load(self, engine_dir: Path, manifest: Any) -> None:
+        raise EngineError(f"{engine_dir}/backbone.plan: TensorRT cannot deserialize the plan")
+
+    def warmup(self, batch_sizes: Any) -> None:
+        raise AssertionError("never loaded")
+
+    def features(self, images: np.ndarray) -> np.ndarray:
+        raise AssertionError("never loaded")
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_plan_that_fails_to_load_falls_back_to_the_engines_onnx(
+    built: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from structlog.testing import capture_logs
+
+    from svd import plan
+    from svd.backends import select
+
+    here = {"gpu": "NVIDIA H100 80GB HBM3", "arch": "sm_90", "tensorrt": "11.4.0.106"}
+    monkeypatch.setattr(plan, "unavailable_reason", lambda: None)
+    monkeypatch.setattr(plan, "device_facts", lambda device=0: dict(here))
+    refused = _PlanThatWillNotLoad()
+    monkeypatch.setitem(select._FACTORIES, "tensorrt", lambda threads: refused)
+    manifest = read_manifest(built)
+    parts: dict[str, Path | bytes] = {name: built / name for name in manifest.parts}
+    parts[BACKBONE_PLAN] = b"a plan this driver cannot read"
+    target = tmp_path / "with-plan"
+    write_engine_dir(target, replace(manifest, name="with-plan", plan=dict(here)), parts)
+
+    with capture_logs() as logs:
+        engine = load_engine(target)
+    assert engine.backend_name == "onnx" and refused.closed
+    assert engine.plan_unusable is not None and "cannot deserialize" in engine.plan_unusable
+    (warning,) = [e for e in logs if e["event"] == "plan_unusable"]
+    assert warning["log_level"] == "warning" and warning["engine"] == "with-plan"
+    assert engine.infer(images(2)).probs.shape == (2,)
+    # Asked for TensorRT by name, the same failure is an error: nothing silently changes runtime.
+    with pytest.raises(EngineError, match="cannot deserialize"):
+        load_engine(target, backend="tensorrt")
+    engine.close()

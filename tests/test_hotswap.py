@@ -40,6 +40,12 @@ def copy_engine(source: Path, engines: Path, name: str, age_s: float = 0.0, **ed
     return engines / name
 
 
+def make_oldest(engine: Path) -> None:
+    """Backdates an engine by a day (manifest.json is not hashed), whenever the fixture built it."""
+    old = dataclasses.replace(read_manifest(engine), created=utc_now() - timedelta(days=1))
+    (engine / MANIFEST_NAME).write_text(old.to_json())
+
+
 def rename_in(staging: Path, engines: Path) -> None:
     os.rename(staging, engines / staging.name)
 
@@ -149,6 +155,7 @@ def _flip_head_byte(engine: Path) -> None:
 
 async def test_rollback_and_pinned_swap(cfg: Config, jpegs_b64: list[str]) -> None:
     tiny = cfg.engines_dir / "tiny"
+    make_oldest(tiny)
     copy_engine(tiny, cfg.engines_dir, "mid", age_s=2)
     copy_engine(tiny, cfg.engines_dir, "new", age_s=1)
     async with running_daemon(cfg) as d:
@@ -158,7 +165,7 @@ async def test_rollback_and_pinned_swap(cfg: Config, jpegs_b64: list[str]) -> No
             engine = await command(cfg, "rollback")
             assert engine["name"] == expected and engine["pinned"] is True
             assert (await query(d.port, miner, jpegs_b64[0]))[0] == 200
-        with pytest.raises(RuntimeError, match="no engine older than tiny"):
+        with pytest.raises(RuntimeError, match="no engine to roll back to from tiny"):
             await command(cfg, "rollback")
         engine = await command(cfg, "swap", name="mid")
         assert engine["name"] == "mid" and engine["pinned"] is True and engine["swaps"] == 3
@@ -174,7 +181,7 @@ async def test_rollback_and_pinned_swap(cfg: Config, jpegs_b64: list[str]) -> No
 
 
 async def test_swap_to_a_bad_engine_is_refused(cfg: Config) -> None:
-    copy_engine(cfg.engines_dir / "tiny", cfg.engines_dir, "old-bad", age_s=60, input=InputSpec(channels=1))
+    copy_engine(cfg.engines_dir / "tiny", cfg.engines_dir, "old-bad", age_s=2 * 86_400, input=InputSpec(channels=1))
     async with running_daemon(cfg):
         with pytest.raises(RuntimeError, match="engine 'old-bad' refused"):
             await command(cfg, "swap", name="old-bad")
@@ -230,3 +237,44 @@ async def test_new_backbone_is_loaded_not_reused(cfg: Config, tiny_engine: Path,
         assert new is not None and old is not None
         assert not new.backbone_reused and new.shared_backend is not old.shared_backend
         assert old.shared_backend.closed
+
+
+async def test_rollback_returns_to_the_engine_served_before_past_a_refused_one(cfg: Config) -> None:
+    tiny, engines = cfg.engines_dir / "tiny", cfg.engines_dir
+    onnx = (tiny / BACKBONE_ONNX).read_bytes()
+    async with running_daemon(cfg):
+        await asyncio.to_thread(copy_engine, tiny, engines, "a")
+        await wait_for(cfg, lambda e: e["name"] == "a")
+        await asyncio.to_thread(copy_engine, tiny, engines, "b-cut", parts={BACKBONE_ONNX: onnx[:1000]})
+        await wait_for(cfg, refused("b-cut"))
+        await asyncio.to_thread(copy_engine, tiny, engines, "c")
+        await wait_for(cfg, lambda e: e["name"] == "c")
+        # b-cut is the newest engine older than c on disk, but it was refused: a is what served.
+        assert (await command(cfg, "rollback"))["name"] == "a"
+        assert (await command(cfg, "rollback"))["name"] == "tiny"
+
+
+async def test_rollback_after_restart_skips_an_engine_that_fails_to_load(cfg: Config) -> None:
+    tiny, engines = cfg.engines_dir / "tiny", cfg.engines_dir
+    onnx = (tiny / BACKBONE_ONNX).read_bytes()
+    make_oldest(tiny)
+    copy_engine(tiny, engines, "b-cut", age_s=2, parts={BACKBONE_ONNX: onnx[:1000]})
+    copy_engine(tiny, engines, "c", age_s=1)
+    async with running_daemon(cfg):  # no history: rollback goes by the engines on disk
+        engine = await command(cfg, "rollback")
+        assert engine["name"] == "tiny" and engine["last_refusal"]["name"] == "b-cut"
+
+
+async def test_old_engines_beyond_keep_are_pruned_after_a_swap(cfg: Config) -> None:
+    tiny, engines = cfg.engines_dir / "tiny", cfg.engines_dir
+    for i, name in enumerate(("e1", "e2", "e3")):
+        copy_engine(tiny, engines, name, age_s=3 - i)
+    make_oldest(tiny)
+    kept = dataclasses.replace(cfg, engine=dataclasses.replace(cfg.engine, keep=2))
+    async with running_daemon(kept):  # serves e3, the newest; nothing is pruned at start
+        assert sorted(p.name for p in engines.iterdir()) == ["e1", "e2", "e3", "tiny"]
+        await asyncio.to_thread(copy_engine, tiny, engines, "e4")
+        await wait_for(kept, lambda e: e["name"] == "e4")
+        # The serving engine and the two newest others stay; the older ones go.
+        names = sorted(p.name for p in engines.iterdir())
+        assert names == ["e2", "e3", "e4"], names

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from svd.config import Config
-from svd.swapbench import STAGING, run_swaps, sequence
+from svd.swapbench import STAGING, SWAPS, run_swaps, sequence
 from tests.helpers import make_config, running_daemon
 
 
@@ -25,12 +25,12 @@ def other_backbone(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def cfg(tmp_path: Path, tiny_engine: Path) -> Config:
     base = make_config(tmp_path, tiny_engine)
-    return dataclasses.replace(base, engine=dataclasses.replace(base.engine, watch_debounce_ms=50))
+    return dataclasses.replace(base, engine=dataclasses.replace(base.engine, watch_debounce_ms=50, keep=0))
 
 
 def test_sequence_has_ten_swaps_with_each_bad_kind(tiny_engine: Path, other_backbone: Path) -> None:
     cands = sequence(tiny_engine, other_backbone, "t")
-    assert len(cands) == 10 and sum(c.good for c in cands) == 6
+    assert len(cands) == SWAPS and sum(c.good for c in cands) == 6
     assert {c.kind for c in cands if not c.good} == {"corrupt-file", "hash-mismatch", "wrong-input", "truncated-onnx"}
     assert sum(c.kind == "new backbone" for c in cands) == 2
 
