@@ -114,6 +114,8 @@ def render_table(s: dict[str, Any]) -> str:
 def _engine(e: dict[str, Any]) -> str:
     line = f"{e.get('name')} v{e.get('version')} on {e.get('backend')}"
     line += f"{' (pinned)' if e.get('pinned') else ''}, swaps {e.get('swaps', 0)}"
+    if e.get("plan_unusable"):
+        line += "\n" + " " * 19 + f"TensorRT plan not serving: {e['plan_unusable']}"
     refusal = e.get("last_refusal")
     if refusal:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(refusal["time"]))
