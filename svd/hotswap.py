@@ -11,6 +11,7 @@ worker is FIFO, so a batch already handed to the old engine finishes first).
 from __future__ import annotations
 
 import asyncio
+import functools
 import shutil
 import time
 from collections.abc import Callable
@@ -204,7 +205,7 @@ class HotSwap:
         """Load, warm up and canary on the worker, then swap. Caller holds the lock."""
         loop = asyncio.get_running_loop()
         try:
-            new = await loop.run_in_executor(self._worker, self._prepare, path, manifest)
+            new = await self._prepare(path, manifest)
         except Exception as e:  # a bad engine raises anything from ONNX Runtime, torch or safetensors
             self._refuse(path.name, e)
             return False
@@ -239,21 +240,29 @@ class HotSwap:
             self._served = [p for p in self._served if p != path]
             log.info("engine_pruned", name=path.name, keep=self._cfg.keep)
 
-    def _prepare(self, path: Path, manifest: Manifest) -> Engine:
-        """Runs on the worker thread; the new engine is closed again if any check fails.
+    async def _prepare(self, path: Path, manifest: Manifest) -> Engine:
+        """Load, warm up and canary the new engine on the worker; closed again if any step fails.
 
-        A new engine with the serving backbone (same backbone_sha256) shares the
-        loaded, already warm backend: only its head is loaded, and only the
-        canary runs, so a head-only swap costs milliseconds.
+        Each step is its own job on the FIFO worker, so inference batches that
+        arrive meanwhile run between the steps: a request waits for one step at
+        most, not for the whole preparation. A new engine with the serving
+        backbone (same backbone_sha256) shares the loaded, already warm backend:
+        only its head is loaded, and only the canary runs.
         """
-        cfg = self._cfg
-        engine = load_engine(path, backend=cfg.backend, threads=cfg.threads, manifest=manifest, reuse=self.serving)
+        cfg, loop = self._cfg, asyncio.get_running_loop()
+        engine = await loop.run_in_executor(
+            self._worker,
+            functools.partial(
+                load_engine, path, backend=cfg.backend, threads=cfg.threads, manifest=manifest, reuse=self.serving
+            ),
+        )
         try:
             if not engine.backbone_reused:
-                engine.warmup(cfg.warmup_batch_sizes)
-            canary_check(engine)
+                for batch_size in cfg.warmup_batch_sizes:
+                    await loop.run_in_executor(self._worker, engine.warmup, (batch_size,))
+            await loop.run_in_executor(self._worker, canary_check, engine)
         except BaseException:
-            engine.close()
+            await loop.run_in_executor(self._worker, engine.close)
             raise
         return engine
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -84,16 +85,16 @@ def _flip_byte_after_hashing(engine: Path) -> None:
 
 
 def sequence(serving: Path, other: Path | None, tag: str) -> list[Candidate]:
-    """Ten swaps: six good (four head-only, two with `other`'s backbone if given) and four bad."""
-
-    def good(i: int, base: Path) -> Candidate:
+    """Ten swaps: six good and four bad. With `other`, the good ones move to its backbone and back,
+    so two are full loads of a new backbone and four are head-only swaps on the serving one."""
+    second = other or serving
+    bases = [serving, second, second, second, serving, serving]  # the backbone each good engine uses
+    goods: list[Candidate] = []
+    for i, base in enumerate(bases, start=1):
+        previous = bases[i - 2] if i > 1 else serving
         name = f"{tag}-good{i}"
-        return Candidate(
-            name,
-            True,
-            "new backbone" if base != serving else "new head",
-            lambda s: _copy(base, s, name, parts={HEAD: _nudged_head(base, i)}),
-        )
+        kind = "head only" if base == previous else "new backbone"
+        goods.append(Candidate(name, True, kind, functools.partial(_good, base, name, i)))
 
     def bad(kind: str, write: Callable[[Path, str], Path]) -> Candidate:
         name = f"{tag}-{kind}"
@@ -105,19 +106,22 @@ def sequence(serving: Path, other: Path | None, tag: str) -> list[Candidate]:
         return path
 
     onnx = (serving / BACKBONE_ONNX).read_bytes()
-    second = other or serving
     return [
-        good(1, serving),
+        goods[0],
         bad("corrupt-file", lambda s, n: _copy(serving, s, n, parts={HEAD: os.urandom(4096)})),
-        good(2, second),
+        goods[1],
         bad("hash-mismatch", hash_mismatch),
-        good(3, serving),
+        goods[2],
         bad("wrong-input", lambda s, n: _copy(serving, s, n, input=InputSpec(height=256, width=256))),
-        good(4, serving),
+        goods[3],
         bad("truncated-onnx", lambda s, n: _copy(serving, s, n, parts={BACKBONE_ONNX: onnx[: len(onnx) // 2]})),
-        good(5, second),
-        good(6, serving),
+        goods[4],
+        goods[5],
     ]
+
+
+def _good(base: Path, name: str, seed: int, staging: Path) -> Path:
+    return _copy(base, staging, name, parts={HEAD: _nudged_head(base, seed)})
 
 
 @dataclass

@@ -32,7 +32,8 @@ def test_sequence_has_ten_swaps_with_each_bad_kind(tiny_engine: Path, other_back
     cands = sequence(tiny_engine, other_backbone, "t")
     assert len(cands) == SWAPS and sum(c.good for c in cands) == 6
     assert {c.kind for c in cands if not c.good} == {"corrupt-file", "hash-mismatch", "wrong-input", "truncated-onnx"}
-    assert sum(c.kind == "new backbone" for c in cands) == 2
+    assert [c.kind for c in cands if c.good] == ["head only", "new backbone", "head only"] * 2
+    assert sum(c.kind == "head only" for c in sequence(tiny_engine, None, "t")) == 6
 
 
 async def test_ten_swaps_under_load_fail_nothing(cfg: Config, other_backbone: Path, jpegs_b64: list[str]) -> None:
