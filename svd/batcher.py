@@ -47,7 +47,8 @@ class InferEngine(Protocol):
 @dataclass(frozen=True)
 class Prediction:
     prob: float
-    features: np.ndarray  # this image's (D,) float32 row, owned (not a view of engine buffers)
+    # This image's (D,) float32 row, its own copy: a kept sample pins this row only, not the batch or engine buffers.
+    features: np.ndarray
     engine: str
     batch_size: int
     engine_version: str = ""
@@ -219,13 +220,13 @@ class Batcher:
         self.batch_s += EWMA_ALPHA * (elapsed - self.batch_s)
         self.stats.engine_time.add(elapsed)
         self.stats.batch_sizes[len(batch)] += 1
-        # A copy: the sample log keeps rows after the engine may have reused its output buffers.
-        features = np.array(out.features, dtype=np.float32)
+        # Per-row copies: the sample log keeps rows after the engine may have reused its output buffers.
+        features = np.asarray(out.features, dtype=np.float32)
         version, backbone = _engine_identity(engine)
         for i, item in enumerate(batch):
             if not item.future.done():
                 item.future.set_result(
-                    Prediction(float(probs[i]), features[i], engine.name, len(batch), version, backbone)
+                    Prediction(float(probs[i]), features[i].copy(), engine.name, len(batch), version, backbone)
                 )
 
     def _fail_batch(self, batch: list[Item], error: SvdError) -> None:

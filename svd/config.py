@@ -247,7 +247,9 @@ class SamplesConfig:
     flush_interval_s: float = 1.0
     max_samples: int = 200_000
     max_bytes: int = 8_000_000_000
-    retention_deletes_labelled: bool = False
+    # Retention keeps human-reviewed samples (review_label set) unless this is true.
+    # Testnet-labelled samples are deleted like any other, oldest first.
+    retention_deletes_reviewed: bool = False
 
     def validate(self) -> None:
         _check(0.0 <= self.band_low <= 1.0, "samples.band_low", "a number in [0, 1]", self.band_low)

@@ -131,7 +131,7 @@ class Daemon:
         )
         self.spawn("batcher", self.batcher.run())
         if self.samples is not None:
-            self.spawn("samples_writer", self.samples.run())
+            self.spawn("samples_writer", self.samples.run(), fatal=False)
         self.hotswap = HotSwap(self.engine, self.batcher, self.worker, cfg.engine, cfg.engines_dir, self._swapped)
         commands = {"status": lambda _: self.snapshot().to_dict(), **self.hotswap.commands()}
         self._control = ControlServer(cfg.socket_path, commands)
@@ -199,24 +199,40 @@ class Daemon:
             errored=self.errored,
         )
 
-    def spawn(self, name: str, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
-        """Run a supervised task: if it ends while serving, that is a bug and we exit non-zero."""
+    def spawn(self, name: str, coro: Coroutine[Any, Any, None], *, fatal: bool = True) -> asyncio.Task[None]:
+        """Run a supervised task: if it ends while serving, that is a bug and we exit non-zero.
+
+        fatal=False (the samples writer): the end is logged and shown in status, and serving goes on.
+        """
         task = asyncio.get_running_loop().create_task(coro, name=name)
         self._tasks.add(task)
-        task.add_done_callback(self._on_task_done)
+        task.add_done_callback(self._on_task_done if fatal else self._on_optional_task_done)
         return task
 
     def _swapped(self, engine: Engine) -> None:
         self.engine = engine  # shutdown closes whichever engine serves last
 
     def _on_task_done(self, task: asyncio.Task[None]) -> None:
+        error = self._ended_unexpectedly(task)
+        if error is not None:
+            self.errored = f"task {task.get_name()} exited: {error}"
+            log.error("task_died", task=task.get_name(), error=error)
+            self.should_exit.set()
+
+    def _on_optional_task_done(self, task: asyncio.Task[None]) -> None:
+        error = self._ended_unexpectedly(task)
+        if error is not None:
+            log.error("task_died", task=task.get_name(), error=error, serving_goes_on=True)
+            if self.samples is not None:
+                self.samples.counters.errored = f"writer exited: {error}"
+
+    def _ended_unexpectedly(self, task: asyncio.Task[None]) -> str | None:
+        """How a task ended, if it ended while serving; None for a cancel or any end during shutdown."""
         self._tasks.discard(task)
-        if task.cancelled() or self.should_exit.is_set():
-            return
+        if task.cancelled() or self.should_exit.is_set() or self.state == "stopping":
+            return None
         error = task.exception()
-        self.errored = f"task {task.get_name()} exited: {error!r}"
-        log.error("task_died", task=task.get_name(), error=repr(error))
-        self.should_exit.set()
+        return repr(error) if error is not None else "returned"
 
     def snapshot(self) -> StatusSnapshot:
         s, b, h = self.stats, self.batcher, self.hotswap

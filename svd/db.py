@@ -96,11 +96,29 @@ def connect_readonly(path: Path) -> sqlite3.Connection:
     Raises:
         DatabaseError: no such file, or a schema this code does not know.
     """
+    return _open_existing(path, "ro")
+
+
+def connect_existing(path: Path) -> sqlite3.Connection:
+    """A writer for an existing database that never creates or migrates it (`svd review import`).
+
+    A daemon of another version may be running on the file: migrating under it
+    would break it, so a version mismatch is refused instead.
+
+    Raises:
+        DatabaseError: no such file, or a schema version other than this code's.
+    """
+    return _open_existing(path, "rw")
+
+
+def _open_existing(path: Path, mode: str) -> sqlite3.Connection:
     if not path.is_file():
         raise DatabaseError(f"no samples database at {path} (samples.db in the config)")
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
+    uri = f"file:{path}?mode={mode}"
+    conn = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
     try:
-        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        for pragma in CONNECTION_PRAGMAS if mode == "rw" else CONNECTION_PRAGMAS[:1]:
+            conn.execute(pragma)
         version = schema_version(conn)
         if version != SCHEMA_VERSION:
             raise DatabaseError(

@@ -13,6 +13,7 @@ import argparse
 import datetime
 import getpass
 import os
+import re
 import sqlite3
 import sys
 import time
@@ -29,6 +30,8 @@ LABEL_FIELD = "ground_truth"
 LABELS = {"roadwork": 1, "none": 0}
 # images.format as the writer stores it (PIL's name, lower case) -> file suffix the App can show.
 IMAGE_SUFFIXES = {"jpeg": ".jpg", "png": ".png", "webp": ".webp"}
+# A file name is built from images.sha256: only a real hex digest may become one.
+SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 # Names listed in full in a report or an error; beyond this, a count.
 MAX_LISTED = 10
 INSTALL_HINT = "pip install 'svd[review]'"
@@ -49,6 +52,8 @@ class ExportReport:
     left_out: int = 0
     # svd_uid of samples whose image format the App cannot show (not exported).
     unknown_format: list[str] = field(default_factory=list)
+    # svd_uid of samples whose image_sha256 is not a sha256 hex digest (not exported: it would name a file).
+    bad_sha256: list[str] = field(default_factory=list)
     # svd_uid of dataset samples no longer in samples.db (retention deleted them).
     gone: list[str] = field(default_factory=list)
     pruned: int = 0
@@ -153,6 +158,8 @@ def _new_unlabelled(
     ).fetchall()
     todo = [row for row in rows if row[0] not in in_dataset]
     report.already_in_dataset = len(rows) - len(todo)
+    report.bad_sha256 = [row[0] for row in todo if not SHA256_RE.match(row[1])]
+    todo = [row for row in todo if SHA256_RE.match(row[1])]
     report.unknown_format = [row[0] for row in todo if row[2].lower() not in IMAGE_SUFFIXES]
     todo = [row for row in todo if row[2].lower() in IMAGE_SUFFIXES]
     if limit is not None:
@@ -302,6 +309,8 @@ def run_export(args: argparse.Namespace, cfg: Config) -> int:
     )
     if r.unknown_format:
         print(f"{len(r.unknown_format)} samples not exported, image format unknown: {_listed(r.unknown_format)}")
+    if r.bad_sha256:
+        print(f"{len(r.bad_sha256)} samples not exported, image_sha256 not a sha256 digest: {_listed(r.bad_sha256)}")
     if r.gone:
         what = "removed from the dataset" if r.pruned else "kept in the dataset until --prune"
         print(f"{len(r.gone)} samples gone from samples.db (retention), {what}: {_listed(r.gone)}")
@@ -310,14 +319,13 @@ def run_export(args: argparse.Namespace, cfg: Config) -> int:
 
 def run_import(args: argparse.Namespace, cfg: Config) -> int:
     """`svd review import`: 0, or 1 with a one-line error (nothing written then)."""
-    from svd.db import connect
+    from svd.db import connect_existing
 
     reviewer = args.reviewer or os.environ.get("USER") or getpass.getuser()
     try:
         load_fiftyone()
-        if not cfg.samples_db.is_file():
-            raise ReviewError(f"no samples database at {cfg.samples_db} (samples.db in the config)")
-        conn = connect(cfg.samples_db)
+        # Never migrates: a running daemon of another version owns the schema.
+        conn = connect_existing(cfg.samples_db)
         try:
             r = import_labels(conn, args.dataset, reviewer)
         finally:

@@ -36,6 +36,9 @@ _LABEL_WHERE = {
     "labelled": "(review_label IS NOT NULL OR testnet_label IS NOT NULL)",
 }
 _EXTENSIONS = {"jpeg": "jpg", "png": "png", "webp": "webp"}
+# Export file names are built from these columns: only values of this shape become a path.
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_FORMAT = re.compile(r"^[a-z0-9]{1,10}$")
 _INDEX_FIELDS = (
     "uid",
     "image",
@@ -101,11 +104,12 @@ def counts(conn: sqlite3.Connection, band_low: float, band_high: float) -> dict[
     }
 
 
-def export(conn: sqlite3.Connection, out: Path, selection: Selection) -> tuple[int, int]:
+def export(conn: sqlite3.Connection, out: Path, selection: Selection) -> tuple[int, int, list[str]]:
     """Write the selected samples' images (named by hash) and index.csv + index.jsonl to `out`.
 
-    Oldest first. Returns (samples, image files written); an image already in
-    `out` is not written again.
+    Oldest first. Returns (samples, image files written, uids skipped); an
+    image already in `out` is not written again. A row whose image_sha256 or
+    format could not safely name a file is skipped, not exported.
     """
     out.mkdir(parents=True, exist_ok=True)
     where, params = selection.where()
@@ -118,6 +122,7 @@ def export(conn: sqlite3.Connection, out: Path, selection: Selection) -> tuple[i
         params,
     )
     n = written = 0
+    skipped: list[str] = []
     with (
         open(out / "index.csv", "w", newline="") as csv_file,
         open(out / "index.jsonl", "w") as jsonl,
@@ -126,6 +131,9 @@ def export(conn: sqlite3.Connection, out: Path, selection: Selection) -> tuple[i
         writer.writeheader()
         for row in rows:
             record = dict(zip(_INDEX_FIELDS[:1] + _INDEX_FIELDS[2:], row[:-1], strict=True))
+            if not (_SHA256.match(str(record["image_sha256"])) and _FORMAT.match(str(row[-1]))):
+                skipped.append(str(record["uid"]))
+                continue
             name = f"{record['image_sha256']}.{_EXTENSIONS.get(row[-1], row[-1])}"
             record["image"] = name
             record["received_at"] = _iso(record["received_at"])
@@ -137,7 +145,7 @@ def export(conn: sqlite3.Connection, out: Path, selection: Selection) -> tuple[i
             writer.writerow(record)
             jsonl.write(json.dumps({k: record[k] for k in _INDEX_FIELDS}) + "\n")
             n += 1
-    return n, written
+    return n, written, skipped
 
 
 def parse_since(text: str, now: float | None = None) -> float:
@@ -193,8 +201,15 @@ def run_samples(args: argparse.Namespace, cfg: Config) -> int:
                 print(f"svd samples export: {e}", file=sys.stderr)
                 return 2
             selection = Selection(args.label, args.source, since, args.limit)
-            n, written = export(conn, args.dir, selection)
+            n, written, skipped = export(conn, args.dir, selection)
             print(f"{n} samples exported to {args.dir} ({written} image files written, index.csv, index.jsonl)")
+            if skipped:
+                shown = ", ".join(skipped[:10]) + (f" and {len(skipped) - 10} more" if len(skipped) > 10 else "")
+                print(
+                    f"svd samples export: {len(skipped)} samples skipped, image_sha256 or format in the database"
+                    f" cannot name a file: {shown}",
+                    file=sys.stderr,
+                )
             return 0
         c = counts(conn, cfg.samples.band_low, cfg.samples.band_high)
         print(json.dumps(c, indent=2) if args.json else render(c, cfg.samples))

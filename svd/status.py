@@ -146,12 +146,14 @@ def _chain(c: dict[str, Any]) -> str:
 def _samples(c: dict[str, Any]) -> str:
     if not c.get("enabled"):
         return "off"
-    line = (
+    line = f"ERRORED: {c['errored']}\n{' ' * 19}" if c.get("errored") else ""
+    line += (
         f"stored {c['stored']} ({c['db_bytes'] / 1e6:.1f} MB), queued {c['queued']}, written {c['written']}; "
         f"offered {c['offered']}, kept {c['kept']}, dropped full {c['dropped_full']}"
     )
-    line += f"\n{' ' * 19}write errors {c['write_errors']} (dropped {c['dropped_errors']}), "
-    line += f"retention deleted {c['retention_deleted']} in {c['retention_passes']} passes"
+    line += f"\n{' ' * 19}{c['batches_written']} batches written, write errors {c['write_errors']}"
+    line += f" (dropped {c['dropped_errors']}), retention deleted {c['retention_deleted']}"
+    line += f" in {c['retention_passes']} passes"
     if c.get("last_error"):
         line += f", last error: {c['last_error']}"
     return line

@@ -5,7 +5,8 @@ a bounded deque and returns; when the queue is full the sample is dropped and
 counted. The writer task drains the queue in batches (when a batch fills, and
 at least every flush_interval_s), hashes and sniffs the images in a thread,
 writes one transaction per batch through aiosqlite, and keeps the database
-within its caps. A write error is logged and counted; the writer keeps going.
+within its caps (checked after every batch, so a writer that never idles still
+retains). A write error is logged and counted; the writer keeps going.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ SOURCES = ("band", "testnet", "random")
 MAX_ATTEMPTS = 3
 # Retention deletes down to this share of a cap, so it runs once per few percent of growth, not every batch.
 RETENTION_LOW_WATER = 0.9
+# While reviewed samples alone exceed a cap, warn at most this often.
+BLOCKED_WARNING_S = 60.0
 
 _INSERT_IMAGE = "INSERT OR IGNORE INTO images (sha256, data, format, bytes, first_seen) VALUES (?, ?, ?, ?, ?)"
 _INSERT_SAMPLE = (
@@ -103,12 +106,14 @@ class SampleCounters:
     dropped_errors: int = 0
     written: int = 0
     write_errors: int = 0
-    flushes: int = 0
+    batches_written: int = 0  # write transactions committed
     retention_passes: int = 0
     retention_deleted: int = 0
     images_deleted: int = 0
     db_bytes: int = 0
     last_error: str | None = None
+    # Set when the writer task ended while the daemon serves (a bug): nothing is written any more.
+    errored: str | None = None
 
 
 @dataclass
@@ -126,6 +131,7 @@ class UncertainLog:
         path: the database file (Config.samples_db).
         rng: random source of the policy (seeded in tests).
         clock: wall clock for received_at.
+        monotonic: clock that spaces the retention-blocked warnings.
     """
 
     def __init__(
@@ -135,6 +141,7 @@ class UncertainLog:
         *,
         rng: random.Random | None = None,
         clock: Any = time.time,
+        monotonic: Any = time.monotonic,
     ) -> None:
         self.cfg = cfg
         self.path = path
@@ -149,6 +156,12 @@ class UncertainLog:
         self._writer_done: asyncio.Event | None = None
         self._conn: aiosqlite.Connection | None = None
         self._count = 0
+        self._monotonic = monotonic
+        # What a blocked pass (only reviewed samples left) could not go below: the next pass waits
+        # for new growth beyond it instead of running at every flush.
+        self._floor_samples = 0
+        self._floor_bytes = 0
+        self._warned_at: float | None = None
 
     @property
     def depth(self) -> int:
@@ -188,7 +201,8 @@ class UncertainLog:
         if self._closing:
             c.dropped_closed += 1
             return False
-        if len(self._queue) >= self.cfg.queue_max or self._queued_bytes + len(image_b64) > self.cfg.queue_max_bytes:
+        nbytes = len(image_b64) + features.nbytes
+        if len(self._queue) >= self.cfg.queue_max or self._queued_bytes + nbytes > self.cfg.queue_max_bytes:
             c.dropped_full += 1
             return False
         sample = Sample(
@@ -205,7 +219,7 @@ class UncertainLog:
             source,
         )
         self._queue.append(sample)
-        self._queued_bytes += len(image_b64)
+        self._queued_bytes += nbytes
         if len(self._queue) >= self.cfg.batch_max:
             self._wakeup.set()
         return True
@@ -237,15 +251,22 @@ class UncertainLog:
             return False
 
     async def flush(self) -> bool:
-        """Write everything queued now; False when a batch failed (it is retried later)."""
+        """Write what was queued when it began; False when a batch failed (it is retried later).
+
+        Retention runs after every batch once a cap is passed, and after a failed
+        write too: the caps hold however busy (or broken) the writer is.
+        """
         if self._conn is None:
             return True
         ok = True
-        while ok and (self._retry is not None or self._queue):
-            pending = self._retry or self._take_batch()
-            self._retry = None
+        left = len(self._queue)  # what offers add meanwhile waits for the next round
+        while ok and (self._retry is not None or (left > 0 and self._queue)):
+            if self._retry is not None:
+                pending, self._retry = self._retry, None
+            else:
+                pending = self._take_batch()
+                left -= len(pending.samples)
             ok = await self._write(pending)
-        if ok:
             await self._retain_if_over()
         return ok
 
@@ -281,7 +302,7 @@ class UncertainLog:
     def _take_batch(self) -> _Pending:
         n = min(self.cfg.batch_max, len(self._queue))
         batch = [self._queue.popleft() for _ in range(n)]
-        nbytes = sum(len(s.image_b64) for s in batch)
+        nbytes = sum(len(s.image_b64) + s.features.nbytes for s in batch)
         self._queued_bytes -= nbytes
         return _Pending(batch, nbytes=nbytes)
 
@@ -315,14 +336,20 @@ class UncertainLog:
             self._retry = pending  # close() writes it again; the unique uid makes that harmless
             raise
         c.written += added
-        c.flushes += 1
+        c.batches_written += 1
         self._count += added
         return True
 
     async def _retain_if_over(self) -> None:
+        cfg = self.cfg
         try:
             self.counters.db_bytes = await self._scalar(_USED_BYTES)
-            if self._count > self.cfg.max_samples or self.counters.db_bytes > self.cfg.max_bytes:
+            # Past a blocked pass's floor, a pass runs again only after growth of the room it keeps (10 %).
+            room_samples = cfg.max_samples - int(cfg.max_samples * RETENTION_LOW_WATER)
+            room_bytes = cfg.max_bytes - int(cfg.max_bytes * RETENTION_LOW_WATER)
+            max_samples = max(cfg.max_samples, self._floor_samples + room_samples)
+            max_bytes = max(cfg.max_bytes, self._floor_bytes + room_bytes)
+            if self._count > max_samples or self.counters.db_bytes > max_bytes:
                 await self.retain()
         except Exception as e:
             self.counters.last_error = f"{type(e).__name__}: {e}"
@@ -331,8 +358,9 @@ class UncertainLog:
     async def retain(self) -> None:
         """One retention pass: delete the oldest samples until both caps hold (with some room).
 
-        Labelled samples (testnet or reviewed) are kept unless retention_deletes_labelled.
-        Images no sample refers to any more go too; freed pages go back to the file system.
+        Human-reviewed samples (review_label set) are kept unless retention_deletes_reviewed;
+        testnet-labelled ones go like any other. Images no sample refers to any more go too;
+        freed pages go back to the file system.
         """
         assert self._conn is not None
         conn = self._conn
@@ -340,6 +368,7 @@ class UncertainLog:
         keep_samples = int(cfg.max_samples * RETENTION_LOW_WATER)
         keep_bytes = int(cfg.max_bytes * RETENTION_LOW_WATER)
         deleted = images = 0
+        blocked = False
         await conn.execute("BEGIN IMMEDIATE")
         try:
             count = await self._scalar("SELECT count(*) FROM samples")
@@ -349,7 +378,7 @@ class UncertainLog:
                 n = max(count - keep_samples, by_bytes, 1)
                 shas = await self._delete_oldest(n)
                 if not shas:
-                    log.warning("samples_retention_blocked", reason="only labelled samples left", samples=count)
+                    blocked = True
                     break
                 deleted += len(shas)
                 images += await self._delete_orphans(set(shas))
@@ -370,12 +399,25 @@ class UncertainLog:
         c.images_deleted += images
         c.db_bytes = await self._scalar(_USED_BYTES)
         log.info("samples_retention", deleted=deleted, images_deleted=images, samples=count, db_bytes=c.db_bytes)
+        self._floor_samples, self._floor_bytes = (count, c.db_bytes) if blocked else (0, 0)
+        if blocked:
+            now = self._monotonic()
+            if self._warned_at is None or now - self._warned_at >= BLOCKED_WARNING_S:
+                self._warned_at = now
+                log.warning(
+                    "samples_retention_blocked",
+                    reason="reviewed samples alone exceed a cap: raise the cap or set retention_deletes_reviewed",
+                    samples=count,
+                    db_bytes=c.db_bytes,
+                    max_samples=cfg.max_samples,
+                    max_bytes=cfg.max_bytes,
+                )
 
     async def _delete_oldest(self, n: int) -> list[str]:
         assert self._conn is not None
-        labelled = "" if self.cfg.retention_deletes_labelled else "WHERE testnet_label IS NULL AND review_label IS NULL"
+        reviewed = "" if self.cfg.retention_deletes_reviewed else "WHERE review_label IS NULL"
         rows = await self._conn.execute_fetchall(
-            f"DELETE FROM samples WHERE id IN (SELECT id FROM samples {labelled} ORDER BY received_at, id LIMIT ?)"
+            f"DELETE FROM samples WHERE id IN (SELECT id FROM samples {reviewed} ORDER BY received_at, id LIMIT ?)"
             " RETURNING image_sha256",
             (n,),
         )

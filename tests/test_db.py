@@ -124,3 +124,24 @@ def test_readers_see_the_database_while_a_writer_holds_a_transaction(tmp_path: P
         reader.execute("DELETE FROM images")
     reader.close()
     writer.close()
+
+
+def test_connect_existing_writes_but_never_creates_or_migrates(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    with pytest.raises(db.DatabaseError, match=r"no samples database at .*s\.db"):
+        db.connect_existing(path)
+    assert not path.exists()
+    db.connect(path).close()
+    conn = db.connect_existing(path)
+    conn.execute("INSERT INTO images VALUES ('a', x'00', 'jpeg', 1, 0)")  # writable
+    conn.execute("DELETE FROM schema_version WHERE version = ?", (db.SCHEMA_VERSION,))  # now an older file
+    conn.close()
+    with pytest.raises(db.DatabaseError, match=rf"schema version {db.SCHEMA_VERSION - 1}, .* start the daemon once"):
+        db.connect_existing(path)
+    raw = sqlite3.connect(path)
+    assert db.schema_version(raw) == db.SCHEMA_VERSION - 1  # left as it was: not migrated
+    raw.execute("INSERT INTO schema_version VALUES (99, 0)")
+    raw.commit()
+    raw.close()
+    with pytest.raises(db.DatabaseError, match=r"schema version 99, .*: upgrade svd"):
+        db.connect_existing(path)

@@ -286,3 +286,40 @@ def test_without_the_review_extra_the_error_is_one_line_naming_the_fix(
         rc, out, err = svd(capsys, config, action)
         assert rc == 1 and out == ""
         assert err.count("\n") == 1 and "pip install 'svd[review]'" in err, err
+
+
+def test_import_never_migrates_and_refuses_another_schema_version(
+    fo: Any, dataset: str, state: tuple[Path, sqlite3.Connection], capsys: pytest.CaptureFixture[str]
+) -> None:
+    config, conn = state
+    add_sample(conn, "a", 0.5)
+    assert svd(capsys, config, "export", "--dataset", dataset)[0] == 0
+    set_labels(fo, dataset, {"a": "roadwork"})
+    # An older daemon's file (its schema one step behind): import must not migrate it under that daemon.
+    conn.execute("DELETE FROM schema_version WHERE version = ?", (db.SCHEMA_VERSION,))
+    rc, out, err = svd(capsys, config, "import", "--dataset", dataset)
+    assert rc == 1 and out == "" and f"schema version {db.SCHEMA_VERSION - 1}" in err, err
+    assert db.schema_version(conn) == db.SCHEMA_VERSION - 1 and review_rows(conn)["a"][0] is None
+    conn.execute("INSERT INTO schema_version VALUES (?, 0)", (db.SCHEMA_VERSION,))
+    assert svd(capsys, config, "import", "--dataset", dataset)[0] == 0
+    assert review_rows(conn)["a"][0] == 1
+
+
+def test_a_row_whose_hash_could_name_another_path_is_not_exported(
+    fo: Any, dataset: str, state: tuple[Path, sqlite3.Connection], capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    config, conn = state
+    add_sample(conn, "good", 0.5, image=0)
+    # A crafted row: its image "hash" walks out of the images folder.
+    crafted = "../../../escaped"
+    conn.execute("INSERT INTO images VALUES (?, x'ffd8ff00', 'jpeg', 4, ?)", (crafted, T0))
+    conn.execute(
+        "INSERT INTO samples (uid, image_sha256, received_at, caller_hotkey, prediction, engine, engine_version,"
+        " backbone_sha256, features, feature_dim, source) VALUES ('evil', ?, ?, 'hk', 0.5, 'd', '1', 'bb',"
+        " x'00000000', 1, 'band')",
+        (crafted, T0),
+    )
+    rc, out, _ = svd(capsys, config, "export", "--dataset", dataset)
+    assert rc == 0 and "1 samples not exported, image_sha256 not a sha256 digest: evil" in out, out
+    assert fo.load_dataset(dataset).values("svd_uid") == ["good"]
+    assert not list(tmp_path.rglob("escaped*"))

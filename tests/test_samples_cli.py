@@ -159,3 +159,29 @@ def test_the_database_follows_the_state_dir_unless_named(tmp_path: Path) -> None
     assert moved.samples_db == Path("/var/lib/svd/samples.db")
     named = config_from_dict({"samples": {"db": "data/s.db"}}, base_dir=tmp_path)
     assert named.samples_db == tmp_path / "data" / "s.db"
+
+
+def test_export_skips_a_row_whose_hash_or_format_could_name_another_path(
+    cfg_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    conn = sqlite3.connect(tmp_path / "state" / "samples.db")
+    # Crafted rows: a "hash" that walks out of the export folder, and a format that does.
+    crafted = [("evil-sha", "../../escaped", "jpeg"), ("evil-fmt", "ab" * 32, "jpg/../../escaped")]
+    for uid, sha, fmt in crafted:
+        conn.execute("INSERT INTO images VALUES (?, x'ffd8ff00', ?, 4, ?)", (sha, fmt, T0))
+        conn.execute(
+            "INSERT INTO samples (uid, image_sha256, received_at, caller_hotkey, prediction, engine, engine_version,"
+            " backbone_sha256, features, feature_dim, source) VALUES (?, ?, ?, 'hk', 0.5, 'd', '1', 'bb',"
+            " x'00000000', 1, 'band')",
+            (uid, sha, T0 + 5 * DAY),
+        )
+    conn.commit()
+    conn.close()
+    out = tmp_path / "a" / "b" / "out"
+    assert main(["--config", str(cfg_path), "samples", "export", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert "8 samples exported" in captured.out
+    assert "2 samples skipped" in captured.err and "evil-sha, evil-fmt" in captured.err, captured.err
+    assert not list(tmp_path.rglob("escaped*"))
+    index = [json.loads(line) for line in (out / "index.jsonl").read_text().splitlines()]
+    assert not {"evil-sha", "evil-fmt"} & {r["uid"] for r in index}

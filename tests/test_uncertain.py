@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import structlog
 from PIL import Image
 
 from svd import db
@@ -135,7 +136,7 @@ async def test_a_full_batch_wakes_the_writer(opened: Opener, tmp_path: Path) -> 
     assert log.counters.written == 0  # under a batch, and the interval is a minute away
     offer(log, jpeg_b64(4))
     await _until(lambda: log.counters.written == 5, 5.0)
-    assert log.counters.flushes == 1
+    assert log.counters.batches_written == 1
     await log.close()
     await writer
     assert len(rows(log.path)) == 5
@@ -264,13 +265,10 @@ async def test_retention_keeps_a_long_run_within_its_caps(
 ) -> None:
     cfg = replace(CFG, batch_max=50, queue_max=100, max_samples=max_samples, max_bytes=max_bytes)
     log = await opened(cfg, clock=ticks().__next__)
-    labelled = []
     sizes = []
     for i in range(4000):
         label = 1 if i < 20 and i % 2 else None
         offer(log, jpeg_b64(i, size=48), label=label)
-        if label is not None:
-            labelled.append(log._queue[-1].uid)
         if log.depth == cfg.batch_max:
             assert await log.flush()
             conn = db.connect_readonly(log.path)
@@ -283,10 +281,10 @@ async def test_retention_keeps_a_long_run_within_its_caps(
     c = log.counters
     assert c.written == 4000 and c.retention_passes >= 5 and c.retention_deleted > 3000
 
-    kept = rows(log.path, "SELECT uid, testnet_label FROM samples ORDER BY received_at")
-    assert [uid for uid, label in kept if label is not None] == labelled  # labelled ones outlive their age
+    # Testnet-labelled samples age out like any other: only reviewed ones are kept by default.
+    assert rows(log.path, "SELECT count(*) FROM samples WHERE testnet_label IS NOT NULL") == [(0,)]
     # What is left is the newest, oldest deleted first: one unbroken run up to the last sample.
-    times = [t for (t,) in rows(log.path, "SELECT received_at FROM samples WHERE testnet_label IS NULL")]
+    times = [t for (t,) in rows(log.path, "SELECT received_at FROM samples ORDER BY received_at")]
     assert times == [times[0] + k for k in range(len(times))] and times[-1] == 1_700_000_000.0 + 3999
     orphans = rows(log.path, "SELECT count(*) FROM images WHERE sha256 NOT IN (SELECT image_sha256 FROM samples)")
     assert orphans == [(0,)]
@@ -294,21 +292,118 @@ async def test_retention_keeps_a_long_run_within_its_caps(
     assert max(sizes) < 2 * min(max_bytes, 2_000_000), sizes
 
 
-async def test_retention_may_delete_labelled_samples_when_configured(opened: Opener, tmp_path: Path) -> None:
-    for deletes_labelled, left in ((False, 30), (True, 27)):
-        cfg = replace(CFG, batch_max=30, max_samples=30, retention_deletes_labelled=deletes_labelled)
-        log = await opened(cfg, f"{deletes_labelled}.db", clock=ticks().__next__)
+async def test_retention_keeps_reviewed_samples_unless_configured(opened: Opener, tmp_path: Path) -> None:
+    for deletes_reviewed in (False, True):
+        cfg = replace(CFG, batch_max=30, max_samples=30, retention_deletes_reviewed=deletes_reviewed)
+        log = await opened(cfg, f"{deletes_reviewed}.db", clock=ticks().__next__)
         for i in range(30):
-            offer(log, jpeg_b64(i), label=i % 2)  # every one labelled
+            offer(log, jpeg_b64(i), label=i % 2)  # every one testnet-labelled
         await log.flush()
+        reviewer = sqlite3.connect(log.path)
+        reviewer.execute("UPDATE samples SET review_label = 1 WHERE id <= 10")  # as `svd review import` does
+        reviewer.commit()
+        reviewer.close()
         for i in range(30, 60):
             offer(log, jpeg_b64(i))
         await log.flush()
         await log.close()
-        labelled = rows(log.path, "SELECT count(*) FROM samples WHERE testnet_label IS NOT NULL")[0][0]
-        total = rows(log.path, "SELECT count(*) FROM samples")[0][0]
-        # Off: only the 30 unlabelled could go (down to 27 = 90 % of the cap would need labelled ones).
-        assert (labelled, total) == ((30, 30) if not deletes_labelled else (0, left)), (labelled, total)
+        counts = rows(
+            log.path,
+            "SELECT count(review_label), count(testnet_label), count(*) FROM samples",
+        )[0]
+        # 60 -> 27 (90 % of the cap), oldest first. Kept: the 10 reviewed (off) or none of them (on);
+        # the 20 testnet-labelled but unreviewed ones go either way.
+        assert counts == ((10, 10, 27) if not deletes_reviewed else (0, 0, 27)), counts
+
+
+async def test_reviewed_samples_over_a_cap_warn_once_a_minute_without_a_pass_every_flush(opened: Opener) -> None:
+    now = [0.0]
+    log = await opened(replace(CFG, batch_max=10, max_samples=20), clock=ticks().__next__, monotonic=lambda: now[0])
+    for i in range(20):
+        offer(log, jpeg_b64(i))
+    await log.flush()
+    reviewer = sqlite3.connect(log.path)
+    reviewer.execute("UPDATE samples SET review_label = 0")  # all 20 reviewed: the cap cannot be met
+    reviewer.commit()
+    reviewer.close()
+    with structlog.testing.capture_logs() as logs:
+        for i in range(20):
+            offer(log, jpeg_b64(100 + i))
+            assert await log.flush()
+            now[0] += 5.0  # 20 flushes over 100 s
+    warnings = [e for e in logs if e["event"] == "samples_retention_blocked"]
+    # A pass once 10 % of the cap (2 samples) has grown past what a blocked pass left: flushes 1, 4, 7, ..., 19.
+    assert log.counters.retention_passes == 7, log.counters
+    assert [w["samples"] for w in warnings] == [20, 20] and log.counters.retention_deleted == 19
+    await log.close()
+    assert rows(log.path, "SELECT count(*), count(review_label) FROM samples") == [(21, 20)]
+
+
+async def test_retention_runs_when_writes_fail(opened: Opener, tmp_path: Path) -> None:
+    log = await opened(replace(CFG, batch_max=10, queue_max=30))
+    for i in range(30):
+        offer(log, jpeg_b64(i))
+    await log.close()
+    log = await opened(replace(CFG, max_samples=20))  # the operator lowers the cap; then the disk fills up
+    other = sqlite3.connect(log.path, isolation_level=None)
+    other.execute("CREATE TRIGGER fail BEFORE INSERT ON samples BEGIN SELECT RAISE(ABORT, 'disk is full'); END")
+    offer(log, jpeg_b64(99))
+    assert await log.flush() is False
+    other.close()
+    assert log.counters.retention_passes == 1 and rows(log.path, "SELECT count(*) FROM samples") == [(18,)]
+
+
+async def test_the_caps_hold_while_the_running_writer_never_idles(opened: Opener) -> None:
+    """Offers as fast as the loop allows: the queue is never empty when a batch commits, yet retention runs."""
+    cfg = replace(CFG, batch_max=16, queue_max=256, flush_interval_s=0.01, max_samples=100)
+    log = await opened(cfg)
+    writer = asyncio.create_task(log.run())
+    images = [jpeg_b64(i, size=8) for i in range(16)]
+    peak = i = 0
+    async with asyncio.timeout(120):
+        while log.counters.written < 1500:
+            while log.depth < cfg.queue_max:
+                offer(log, images[i % len(images)])
+                i += 1
+            peak = max(peak, log._count)
+            await asyncio.sleep(0)
+    assert log.depth > 0  # it really was saturated
+    await log.close()
+    await writer
+    assert peak <= cfg.max_samples + cfg.batch_max, peak
+    assert log.counters.retention_passes >= 10
+    assert rows(log.path, "SELECT count(*) <= 100 FROM samples") == [(1,)]
+
+
+async def test_the_byte_bound_counts_the_features_and_gives_them_back(opened: Opener) -> None:
+    log = await opened(replace(CFG, queue_max_bytes=1_000_000))
+    features = np.zeros(100_000, dtype=np.float32)  # 400 kB, the image 1 kB
+    image = jpeg_b64(1)
+    assert [offer(log, image, features=features) for _ in range(3)] == [True, True, False]
+    assert log._queued_bytes == 2 * (len(image) + features.nbytes)
+    assert await log.flush()
+    assert log._queued_bytes == 0 and offer(log, image, features=features)
+
+
+async def test_a_kept_prediction_holds_its_own_row_not_the_batch() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from svd.batcher import Batcher
+    from tests.helpers import FakeEngine
+
+    worker = ThreadPoolExecutor(max_workers=1)
+    batcher = Batcher(FakeEngine(), worker, max_batch=4, max_queue=8)
+    task = asyncio.create_task(batcher.run())
+    await asyncio.sleep(0)
+    images = [np.full((224, 224, 3), m, dtype=np.uint8) for m in range(4)]
+    preds = await asyncio.gather(*(batcher.submit(im, 1.0, 1e12) for im in images))
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    worker.shutdown()
+    assert max(p.batch_size for p in preds) > 1  # rows of one batch
+    for p in preds:
+        assert p.features.base is None and p.features.nbytes == 4 * 4  # owns exactly its (4,) float32 row
 
 
 async def _until(condition: object, timeout: float) -> None:
@@ -434,3 +529,43 @@ async def test_the_image_format_is_recorded(opened: Opener) -> None:
         ("jpeg",),
         ("gif",),
     ]
+
+
+async def test_a_dead_writer_is_shown_in_status_and_serving_goes_on(
+    tmp_path: Path, tiny_engine: Path, jpegs_b64: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from svd.status import render_table
+    from tests.test_server import query
+
+    async def broken_run(self: UncertainLog) -> None:
+        raise RuntimeError("writer bug")  # stands in for a bug in the writer loop
+
+    monkeypatch.setattr(UncertainLog, "run", broken_run)
+    cfg = make_config(tmp_path, tiny_engine, samples={"band_low": 0.0, "band_high": 1.0})
+    async with running_daemon(cfg) as d:
+        await asyncio.sleep(0.1)
+        status, _, _ = await query(d.port, d.snapshot().hotkey, jpegs_b64[0])
+        snap = d.snapshot()
+        assert status == 200 and snap.state == "serving" and snap.errored is None
+        assert snap.samples["errored"] == "writer exited: RuntimeError('writer bug')"
+        assert "ERRORED: writer exited: RuntimeError('writer bug')" in render_table(snap.to_dict())
+        assert not d.should_exit.is_set()
+    assert d.errored is None
+    assert d.snapshot().samples["written"] == 1  # shutdown still wrote what was queued
+
+
+async def test_a_task_that_ends_normally_during_shutdown_is_not_a_death(tmp_path: Path, tiny_engine: Path) -> None:
+    import socket
+
+    from svd.daemon import Daemon
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    cfg = make_config(tmp_path, tiny_engine, server={"host": "127.0.0.1", "port": taken.getsockname()[1]})
+    d = Daemon(cfg, handle_signals=False)
+    # The listener fails after the samples writer started: shutdown ends the writer normally.
+    with structlog.testing.capture_logs() as logs, pytest.raises(OSError):
+        await d.serve()
+    taken.close()
+    assert [e for e in logs if e["event"] == "task_died"] == [] and d.errored is None
