@@ -247,6 +247,11 @@ def _figures(requests: Requests, windows: list[tuple[float, float]], steps: list
     def in_window(start: float, end: float) -> bool:
         return any(start < w_end and end > w_start for w_start, w_end in windows)
 
+    ok = [(start, end) for start, end, s in requests.records if s == "200"]
+    for step, (w_start, w_end) in zip(steps, windows, strict=True):
+        # The slowest answer among requests in flight during this step's window.
+        overlapping = [end - start for start, end in ok if start < w_end and end > w_start]
+        step["max_ms"] = round(max(overlapping, default=0.0) * 1000, 2)
     statuses = Counter(status for _, _, status in requests.records)
     during = [end - start for start, end, s in requests.records if s == "200" and in_window(start, end)]
     outside = [end - start for start, end, s in requests.records if s == "200" and not in_window(start, end)]
@@ -304,6 +309,9 @@ def run_swapbench(args: argparse.Namespace, cfg: Config) -> int:
         print(json.dumps(figures))
     else:
         for step in figures.pop("steps"):
-            print(f"{step['name']:28} {step['kind']:15} {step['s']:7.3f} s  {step['outcome']}")
+            print(
+                f"{step['name']:28} {step['kind']:15} {step['s']:7.3f} s  max {step['max_ms']:7.1f} ms  "
+                f"{step['outcome'][:90]}"
+            )
         print("\n".join(f"{k:20} {v}" for k, v in figures.items()))
     return 0 if figures["failed"] == 0 and figures["all_as_expected"] else 1

@@ -57,6 +57,7 @@ async def test_ten_swaps_under_load_fail_nothing(cfg: Config, other_backbone: Pa
         # Zero failed or dropped: every request sent got a 200.
         assert figures["failed"] == 0 and figures["statuses"] == {"200": figures["requests"]}
         assert figures["in_swap_windows"] > 0 and figures["longest_pause_ms"] > 0
+        assert max(s["max_ms"] for s in steps) == figures["longest_pause_ms"]
         # Afterwards the original engine serves again, unpinned, and the run's engines are gone.
         engine = d.snapshot().to_dict()["engine"]
         assert engine["name"] == "tiny" and engine["pinned"] is False
