@@ -27,7 +27,7 @@ MANIFEST_NAME = "manifest.json"
 BACKBONE_ONNX = "backbone.onnx"
 # Weights of a graph over protobuf's 2 GB limit (e.g. ViT-L + SigLIP2 so400m), beside it.
 BACKBONE_ONNX_DATA = "backbone.onnx.data"
-BACKBONE_PLAN = "backbone.plan"  # TensorRT, reserved for the GPU backend
+BACKBONE_PLAN = "backbone.plan"  # TensorRT plan of backbone.onnx (svd.plan), GPU boxes only
 BACKBONE_WEIGHTS = "backbone.safetensors"  # torch reference backend
 BACKBONE_CONFIG = "backbone_config.json"  # torch reference backend
 HEAD = "head.safetensors"

@@ -1,4 +1,4 @@
-"""Backbone runtimes behind one protocol: TensorRT (later), ONNX Runtime, torch."""
+"""Backbone runtimes behind one protocol: TensorRT (GPU), ONNX Runtime (CPU or CUDA), torch (reference)."""
 
 from svd.backends.base import Backend
 from svd.backends.select import select_backend
