@@ -8,6 +8,8 @@ the daemon then writes through aiosqlite so the event loop never waits on disk.
 
 from __future__ import annotations
 
+import os
+import re
 import sqlite3
 import time
 from collections.abc import Sequence
@@ -18,6 +20,10 @@ if TYPE_CHECKING:  # the CLI imports this module; only the daemon needs aiosqlit
     import aiosqlite
 
 BUSY_TIMEOUT_MS = 5_000
+# images.format as the writer stores it (PIL's name, lower case) -> file suffix of an exported image.
+IMAGE_SUFFIXES = {"jpeg": ".jpg", "png": ".png", "webp": ".webp"}
+# Export file names are built from images.sha256: only values of this shape become a path.
+SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 # Settings that last only as long as one connection, so every connection sets them.
 CONNECTION_PRAGMAS = (
     f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}",
@@ -221,3 +227,17 @@ def _configure(conn: sqlite3.Connection, path: Path) -> None:
         raise DatabaseError(f"{path}: cannot switch to WAL mode (got {mode}); is it on a network file system?")
     for pragma in CONNECTION_PRAGMAS:
         conn.execute(pragma)
+
+
+def write_image_file(conn: sqlite3.Connection, sha: str, path: Path) -> bool:
+    """Writes image `sha` to `path` unless a file is there already; True if written.
+
+    Renamed into place, so a crash never leaves a truncated file that a later export would keep.
+    """
+    if path.is_file():
+        return False
+    (data,) = conn.execute("SELECT data FROM images WHERE sha256 = ?", (sha,)).fetchone()
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+    return True

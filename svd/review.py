@@ -13,13 +13,15 @@ import argparse
 import datetime
 import getpass
 import os
-import re
 import sqlite3
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from svd.db import IMAGE_SUFFIXES, SHA256_RE, write_image_file
+from svd.samples import positive_int
 
 if TYPE_CHECKING:
     from svd.config import Config
@@ -28,10 +30,6 @@ DEFAULT_DATASET = "svd-review"
 LABEL_FIELD = "ground_truth"
 # The reviewer's label -> samples.review_label.
 LABELS = {"roadwork": 1, "none": 0}
-# images.format as the writer stores it (PIL's name, lower case) -> file suffix the App can show.
-IMAGE_SUFFIXES = {"jpeg": ".jpg", "png": ".png", "webp": ".webp"}
-# A file name is built from images.sha256: only a real hex digest may become one.
-SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 # Names listed in full in a report or an error; beyond this, a count.
 MAX_LISTED = 10
 INSTALL_HINT = "pip install 'svd[review]'"
@@ -122,7 +120,7 @@ def export_samples(
         for row in _new_unlabelled(conn, in_dataset, limit, report):
             uid, sha, fmt, prediction, engine, engine_version, source, received_at = row
             path = images_dir / f"{sha}{IMAGE_SUFFIXES[fmt.lower()]}"
-            report.images_written += _write_image(conn, path, sha)
+            report.images_written += write_image_file(conn, sha, path)
             new.append(
                 fo.Sample(
                     filepath=str(path),
@@ -254,18 +252,6 @@ def _check_made_by_svd(dataset: Any) -> None:
         )
 
 
-def _write_image(conn: sqlite3.Connection, path: Path, sha: str) -> int:
-    """Write image `sha` to `path` unless a file is there already; 1 if written."""
-    if path.is_file():
-        return 0
-    (data,) = conn.execute("SELECT data FROM images WHERE sha256 = ?", (sha,)).fetchone()
-    # Renamed into place, so a crash never leaves a truncated file that a later export would keep.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-    return 1
-
-
 def _listed(names: list[str]) -> str:
     shown = ", ".join(names[:MAX_LISTED])
     return shown if len(names) <= MAX_LISTED else f"{shown} and {len(names) - MAX_LISTED} more"
@@ -280,7 +266,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     export.add_argument(
         "--dataset", default=DEFAULT_DATASET, help=f"FiftyOne dataset name (default: {DEFAULT_DATASET})"
     )
-    export.add_argument("--limit", type=_positive_int, default=None, help="add at most this many new samples")
+    export.add_argument("--limit", type=positive_int, default=None, help="add at most this many new samples")
     export.add_argument("--prune", action="store_true", help="remove dataset samples gone from samples.db")
     export.set_defaults(func=run_export)
     imp = sub.add_parser("import", help="write the labels set in the FiftyOne dataset into samples.db")
@@ -360,10 +346,3 @@ def _fail(action: str, e: Exception) -> int:
     hint = "" if type(e).__module__.startswith(("svd.", "sqlite3")) else " (docs/review.md)"
     print(f"svd: review {action}: {' '.join(str(e).split())}{hint}", file=sys.stderr)
     return 1
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value

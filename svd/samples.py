@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import re
 import sqlite3
 import sys
@@ -20,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from svd.config import Config, SamplesConfig
-from svd.db import DatabaseError, connect_readonly
+from svd.db import IMAGE_SUFFIXES, SHA256_RE, DatabaseError, connect_readonly, write_image_file
 
 LABEL_STATES = ("unlabelled", "testnet", "reviewed", "labelled")
 SOURCES = ("band", "testnet", "random")
@@ -35,9 +34,7 @@ _LABEL_WHERE = {
     "reviewed": "review_label IS NOT NULL",
     "labelled": "(review_label IS NOT NULL OR testnet_label IS NOT NULL)",
 }
-_EXTENSIONS = {"jpeg": "jpg", "png": "png", "webp": "webp"}
-# Export file names are built from these columns: only values of this shape become a path.
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+# Export file names are built from images.format too: only values of this shape become a suffix.
 _FORMAT = re.compile(r"^[a-z0-9]{1,10}$")
 _INDEX_FIELDS = (
     "uid",
@@ -131,17 +128,15 @@ def export(conn: sqlite3.Connection, out: Path, selection: Selection) -> tuple[i
         writer.writeheader()
         for row in rows:
             record = dict(zip(_INDEX_FIELDS[:1] + _INDEX_FIELDS[2:], row[:-1], strict=True))
-            if not (_SHA256.match(str(record["image_sha256"])) and _FORMAT.match(str(row[-1]))):
+            if not (SHA256_RE.match(str(record["image_sha256"])) and _FORMAT.match(str(row[-1]))):
                 skipped.append(str(record["uid"]))
                 continue
-            name = f"{record['image_sha256']}.{_EXTENSIONS.get(row[-1], row[-1])}"
+            name = f"{record['image_sha256']}{IMAGE_SUFFIXES.get(row[-1], '.' + row[-1])}"
             record["image"] = name
             record["received_at"] = _iso(record["received_at"])
             if record["reviewed_at"] is not None:
                 record["reviewed_at"] = _iso(record["reviewed_at"])
-            if not (out / name).exists():
-                _write_image(conn, record["image_sha256"], out / name)
-                written += 1
+            written += write_image_file(conn, str(record["image_sha256"]), out / name)
             writer.writerow(record)
             jsonl.write(json.dumps({k: record[k] for k in _INDEX_FIELDS}) + "\n")
             n += 1
@@ -184,7 +179,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     ex.add_argument("--label", choices=LABEL_STATES, help="label state (labelled: testnet or reviewed)")
     ex.add_argument("--source", choices=SOURCES, help="why it was kept")
     ex.add_argument("--since", help="received since: 24h, 7d, or an ISO date/time (UTC)")
-    ex.add_argument("--limit", type=_positive_int, help="at most N samples, oldest first")
+    ex.add_argument("--limit", type=positive_int, help="at most N samples, oldest first")
 
 
 def run_samples(args: argparse.Namespace, cfg: Config) -> int:
@@ -221,13 +216,6 @@ def run_samples(args: argparse.Namespace, cfg: Config) -> int:
         conn.close()
 
 
-def _write_image(conn: sqlite3.Connection, sha: str, path: Path) -> None:
-    data = conn.execute("SELECT data FROM images WHERE sha256 = ?", (sha,)).fetchone()[0]
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)  # a file under its final name is always complete
-
-
 def _iso(ts: float | None) -> str | None:
     return None if ts is None else datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")
 
@@ -236,7 +224,7 @@ def _pairs(d: dict[str, int]) -> str:
     return "  ".join(f"{k} {v}" for k, v in d.items()) or "none"
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")

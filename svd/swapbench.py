@@ -27,6 +27,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -52,13 +53,18 @@ class Candidate:
     write: Callable[[Path], Path]
 
 
-def _copy(source: Path, staging: Path, name: str, **edits: Any) -> Path:
-    """A complete engine dir in `staging` from `source`'s parts; `parts` edits replace files (hashed as given)."""
+def copy_engine(source: Path, target_dir: Path, name: str, age_s: float = 0.0, **edits: Any) -> Path:
+    """A complete engine dir `target_dir/name` from `source`'s parts, written as any writer does.
+
+    age_s: how long ago it was created. edits: Manifest fields to change, or `parts`
+    overrides as {file: bytes}, hashed as given.
+    """
     manifest = read_manifest(source)
     parts: dict[str, Path | bytes] = {part: source / part for part in manifest.parts}
     parts.update(edits.pop("parts", {}))
-    write_engine_dir(staging / name, dataclasses.replace(manifest, name=name, created=utc_now(), **edits), parts)
-    return staging / name
+    created = utc_now() - timedelta(seconds=age_s)
+    write_engine_dir(target_dir / name, dataclasses.replace(manifest, name=name, created=created, **edits), parts)
+    return target_dir / name
 
 
 def _nudged_head(source: Path, seed: int) -> bytes:
@@ -101,27 +107,27 @@ def sequence(serving: Path, other: Path | None, tag: str) -> list[Candidate]:
         return Candidate(name, False, kind, lambda s: write(s, name))
 
     def hash_mismatch(s: Path, name: str) -> Path:
-        path = _copy(serving, s, name)
+        path = copy_engine(serving, s, name)
         _flip_byte_after_hashing(path)
         return path
 
     onnx = (serving / BACKBONE_ONNX).read_bytes()
     return [
         goods[0],
-        bad("corrupt-file", lambda s, n: _copy(serving, s, n, parts={HEAD: os.urandom(4096)})),
+        bad("corrupt-file", lambda s, n: copy_engine(serving, s, n, parts={HEAD: os.urandom(4096)})),
         goods[1],
         bad("hash-mismatch", hash_mismatch),
         goods[2],
-        bad("wrong-input", lambda s, n: _copy(serving, s, n, input=InputSpec(height=256, width=256))),
+        bad("wrong-input", lambda s, n: copy_engine(serving, s, n, input=InputSpec(height=256, width=256))),
         goods[3],
-        bad("truncated-onnx", lambda s, n: _copy(serving, s, n, parts={BACKBONE_ONNX: onnx[: len(onnx) // 2]})),
+        bad("truncated-onnx", lambda s, n: copy_engine(serving, s, n, parts={BACKBONE_ONNX: onnx[: len(onnx) // 2]})),
         goods[4],
         goods[5],
     ]
 
 
 def _good(base: Path, name: str, seed: int, staging: Path) -> Path:
-    return _copy(base, staging, name, parts={HEAD: _nudged_head(base, seed)})
+    return copy_engine(base, staging, name, parts={HEAD: _nudged_head(base, seed)})
 
 
 @dataclass

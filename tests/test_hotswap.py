@@ -19,25 +19,13 @@ from svd.build import build_demo_engine
 from svd.config import Config
 from svd.control import call
 from svd.hotswap import canary_images
-from svd.manifest import BACKBONE_ONNX, HEAD, MANIFEST_NAME, InputSpec, read_manifest, utc_now, write_engine_dir
+from svd.manifest import BACKBONE_ONNX, HEAD, MANIFEST_NAME, InputSpec, read_manifest, utc_now
 from svd.model import tiny_dinov3_config
+from svd.swapbench import copy_engine
 from tests.helpers import make_config, running_daemon
 from tests.test_server import query
 
 WAIT_S = 20.0
-
-
-def copy_engine(source: Path, engines: Path, name: str, age_s: float = 0.0, **edits: Any) -> Path:
-    """A new engine dir from `source`'s parts, renamed into place like any writer does.
-
-    edits: Manifest fields to change, or `parts` overrides as {file: bytes}.
-    """
-    manifest = read_manifest(source)
-    parts: dict[str, Path | bytes] = {part: source / part for part in manifest.parts}
-    parts.update(edits.pop("parts", {}))
-    created = utc_now() - timedelta(seconds=age_s)
-    write_engine_dir(engines / name, dataclasses.replace(manifest, name=name, created=created, **edits), parts)
-    return engines / name
 
 
 def make_oldest(engine: Path) -> None:
