@@ -71,23 +71,23 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--threshold", type=float, default=0.5, help="decision threshold on the calibrated prob")
     build.set_defaults(func=_build_engine)
 
-    from svd.bench import add_arguments as add_bench_arguments
+    from svd.tools.bench import add_arguments as add_bench_arguments
 
     bench = sub.add_parser("bench", help="load generator and raw engine ceilings")
     add_bench_arguments(bench)
 
-    from svd.samples import add_arguments as add_samples_arguments
+    from svd.samples.cli import add_arguments as add_samples_arguments
 
     samples = sub.add_parser("samples", help="stored samples by band, label, source and day; export a selection")
     add_samples_arguments(samples)
 
     # svd.review imports FiftyOne only when a review command runs (the `review` extra).
-    from svd.review import add_arguments as add_review_arguments
+    from svd.samples.review import add_arguments as add_review_arguments
 
     review = sub.add_parser("review", help="label stored samples in the FiftyOne App: export, then import")
     add_review_arguments(review)
 
-    from svd.swapbench import add_arguments as add_swapbench_arguments
+    from svd.tools.swapbench import add_arguments as add_swapbench_arguments
 
     swapbench = sub.add_parser("swapbench", help="ten engine swaps and a rollback under load; longest pause")
     add_swapbench_arguments(swapbench)
@@ -102,8 +102,8 @@ def _config(path: Path | None) -> Config:
 
 def _run(args: argparse.Namespace, cfg: Config) -> int:
     from svd.daemon import Daemon, StartupError
-    from svd.engine import EngineError
-    from svd.wallet import WalletError
+    from svd.engine.load import EngineError
+    from svd.serve.wallet import WalletError
 
     setup_logging(cfg.daemon.log_level, cfg.daemon.log_format)
     try:
@@ -168,8 +168,8 @@ def _build_engine(args: argparse.Namespace, cfg: Config) -> int:
         print(f"svd: --threshold must be within [0, 1], got {args.threshold}", file=sys.stderr)
         return 2
     try:
-        from svd.build import build_demo_engine, build_engine
-        from svd.manifest import EngineError
+        from svd.engine.build import build_demo_engine, build_engine
+        from svd.engine.manifest import EngineError
     except ImportError as e:  # torch export tooling is the `build` extra
         print(f"svd: build-engine needs the build extra (pip install 'svd[build]'): {e}", file=sys.stderr)
         return 2

@@ -24,21 +24,21 @@ import uvloop
 from aiohttp import web
 
 from svd import __version__
-from svd.auth import Authenticator, TrustRules
-from svd.batcher import Batcher
-from svd.chain import Bittensor11Source, ChainSnapshot, ChainSource, ChainSync, OfflineSource
 from svd.config import Config
 from svd.control import ControlServer
-from svd.db import DatabaseError
-from svd.decode import DecodeLimits
-from svd.engine import Engine, load_engine, newest_engine
+from svd.engine.hotswap import EngineWatcher, HotSwap
+from svd.engine.load import Engine, load_engine, newest_engine
 from svd.errors import ShuttingDown
-from svd.hotswap import EngineWatcher, HotSwap
 from svd.notify import Notifier
-from svd.server import Frontend
+from svd.samples.db import DatabaseError
+from svd.samples.log import UncertainLog
+from svd.serve.auth import Authenticator, TrustRules
+from svd.serve.batcher import Batcher
+from svd.serve.chain import Bittensor11Source, ChainSnapshot, ChainSource, ChainSync, OfflineSource
+from svd.serve.decode import DecodeLimits
+from svd.serve.server import Frontend
+from svd.serve.wallet import load_hotkey
 from svd.status import Stats, StatusSnapshot
-from svd.uncertain import UncertainLog
-from svd.wallet import load_hotkey
 
 log = structlog.get_logger(__name__)
 HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -297,7 +297,7 @@ class Daemon:
             return newest
         if not self.cfg.engine.build_demo_if_empty:
             raise StartupError(f"no engine in {engines}: run `svd build-engine --demo` or copy one there")
-        from svd.build import build_demo_engine  # torch export tooling, only needed here
+        from svd.engine.build import build_demo_engine  # torch export tooling, only needed here
 
         log.info("building_demo_engine", dir=str(engines))
         return build_demo_engine(engines)

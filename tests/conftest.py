@@ -13,16 +13,16 @@ from pathlib import Path
 
 import pytest
 
-from svd.bench import make_jpegs
 from svd.config import Config
+from svd.tools.bench import make_jpegs
 from tests.helpers import DaemonProcess, FakeEngine, free_port, load_hotkey_from_status, make_config, write_config
 
 
 @pytest.fixture(scope="session")
 def tiny_engine(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real demo engine (random tiny DINOv3 + head, ONNX) built once per session."""
-    from svd.build import build_demo_engine
-    from svd.model import tiny_dinov3_config
+    from svd.engine.build import build_demo_engine
+    from svd.engine.model import tiny_dinov3_config
 
     engines = tmp_path_factory.mktemp("engines")
     config = tiny_dinov3_config(hidden_size=64, num_layers=2, num_heads=2)

@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 from bittensor_wallet import Keypair
 
-from svd.chain import ChainSource
 from svd.config import Config, config_from_dict, load_config
 from svd.daemon import Daemon
+from svd.serve.chain import ChainSource
 
 # Callers of the tests: a validator with stake, one with less, and a stranger.
 VALIDATOR = Keypair.create_from_uri("//Alice")

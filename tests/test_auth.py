@@ -4,10 +4,10 @@ import time
 import pytest
 from bittensor_wallet import Keypair
 
-from svd import protocol
-from svd.auth import Authenticator, NonceLedger, RateLimiter, TrustRules
-from svd.chain import ChainSnapshot, Neuron
 from svd.errors import BadRequest, Forbidden, RateLimited, Unauthorized
+from svd.serve import protocol
+from svd.serve.auth import Authenticator, NonceLedger, RateLimiter, TrustRules
+from svd.serve.chain import ChainSnapshot, Neuron
 from tests.helpers import SMALL_VALIDATOR, STRANGER, VALIDATOR
 
 MINER = Keypair.create_from_uri("//Miner")

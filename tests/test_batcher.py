@@ -5,8 +5,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from svd.batcher import Batcher, Item, collect_batch
 from svd.errors import EngineDead, EngineFailure, Overloaded, RequestTimeout, ShuttingDown
+from svd.serve.batcher import Batcher, Item, collect_batch
 from tests.helpers import FakeEngine
 
 FAR = 1e12  # a deadline nobody reaches

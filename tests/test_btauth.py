@@ -13,9 +13,9 @@ import pytest
 from bittensor_wallet import Keypair
 from multidict import CIMultiDict
 
-from svd import btauth, protocol
-from svd.btauth import BtauthHeaders, is_btauth, parse_btauth_headers, signed_payload, verify_btauth
 from svd.errors import BadRequest, SvdError, Unauthorized
+from svd.serve import btauth, protocol
+from svd.serve.btauth import BtauthHeaders, is_btauth, parse_btauth_headers, signed_payload, verify_btauth
 
 http_auth = pytest.importorskip(
     "bittensor.http_auth", reason="needs bittensor 11 (in the dev extra: pip install -e '.[dev]')"

@@ -10,8 +10,9 @@ import aiohttp
 import pytest
 from bittensor_wallet import Keypair
 
-from svd import protocol
-from svd.chain import (
+from svd.config import Config
+from svd.serve import protocol
+from svd.serve.chain import (
     SNAPSHOT_FILE,
     ChainError,
     ChainSnapshot,
@@ -20,7 +21,6 @@ from svd.chain import (
     load_snapshot,
     snapshot_from_metagraph,
 )
-from svd.config import Config
 from svd.status import render_table
 from tests.helpers import SMALL_VALIDATOR, STRANGER, VALIDATOR, make_config, running_daemon
 
@@ -226,7 +226,7 @@ async def test_chain_outage_during_serving_keeps_serving(
 
 
 async def test_online_without_a_hotkey_stops_start_up(tmp_path: Path, tiny_engine: Path) -> None:
-    from svd.wallet import WalletError
+    from svd.serve.wallet import WalletError
 
     with pytest.raises(WalletError, match="miner/hotkeys/default does not exist"):
         async with running_daemon(online(tmp_path, tiny_engine), FakeChain()):

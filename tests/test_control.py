@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 from bittensor_wallet import Wallet
 
-from svd.bench import LoadClient, closed_loop, load_images, open_loop
 from svd.config import Config, WalletConfig
 from svd.control import ControlServer, call
+from svd.serve.wallet import WalletError, load_hotkey
 from svd.status import render_table
-from svd.wallet import WalletError, load_hotkey
+from svd.tools.bench import LoadClient, closed_loop, load_images, open_loop
 
 
 async def test_control_socket_replaces_a_stale_one_and_answers_json_lines(tmp_path: Path) -> None:
@@ -105,7 +105,7 @@ async def test_bench_counts_refusals_as_errors(config: Config) -> None:
 async def test_bench_flood_mode_reports_both_callers(config: Config) -> None:
     import argparse
 
-    from svd.bench import flooded
+    from svd.tools.bench import flooded
     from tests.helpers import running_daemon
 
     async with running_daemon(config) as d:

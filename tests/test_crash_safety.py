@@ -20,8 +20,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from svd import protocol
 from svd.config import load_config
+from svd.serve import protocol
 from tests.helpers import VALIDATOR, DaemonProcess, free_port, load_hotkey_from_status, write_config
 from tests.test_uncertain import jpeg_b64
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from svd import db
+from svd.samples import db
 
 
 def test_a_new_database_is_wal_incremental_and_at_the_current_version(tmp_path: Path) -> None:

@@ -6,8 +6,8 @@ import pytest
 from PIL import Image
 
 from svd.config import DecodeConfig
-from svd.decode import DecodeLimits, decode_image
 from svd.errors import BadRequest, PayloadTooLarge
+from svd.serve.decode import DecodeLimits, decode_image
 
 LIMITS = DecodeLimits(DecodeConfig.max_image_bytes, 2048 * 2048, ("JPEG", "PNG", "WEBP"))
 

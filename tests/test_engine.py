@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 import torch
 
-from svd.backends.select import select_backend
-from svd.build import PARITY_MAX_PROB_DIFF, PARITY_MIN_COSINE, build_demo_engine, gate_parity
-from svd.engine import EngineOutputError, list_engines, load_engine, newest_engine
-from svd.manifest import (
+from svd.engine.backends.select import select_backend
+from svd.engine.build import PARITY_MAX_PROB_DIFF, PARITY_MIN_COSINE, build_demo_engine, gate_parity
+from svd.engine.load import EngineOutputError, list_engines, load_engine, newest_engine
+from svd.engine.manifest import (
     BACKBONE_CONFIG,
     BACKBONE_ONNX,
     BACKBONE_PLAN,
@@ -33,7 +33,7 @@ from svd.manifest import (
     verify_engine_dir,
     write_engine_dir,
 )
-from svd.model import feature_dim, tiny_dinov3_config
+from svd.engine.model import feature_dim, tiny_dinov3_config
 
 # Small enough for a 2-core CI box, big enough to have registers and 2 blocks.
 TEST_CONFIG = dict(hidden_size=64, num_layers=2, num_heads=2, num_register_tokens=4)
@@ -153,7 +153,7 @@ import sys
 sys.modules["transformers"] = None
 import numpy as np
 from pathlib import Path
-from svd.engine import load_engine
+from svd.engine.load import load_engine
 engine = load_engine(Path({str(built)!r}))
 print(engine.backend_name, engine.infer(np.zeros((2, 224, 224, 3), np.uint8)).probs.shape)
 """
@@ -324,8 +324,8 @@ def test_plan_that_fails_to_load_falls_back_to_the_engines_onnx(
 ) -> None:
     from structlog.testing import capture_logs
 
-    from svd import plan
-    from svd.backends import select
+    from svd.engine import plan
+    from svd.engine.backends import select
 
     here = {"gpu": "NVIDIA H100 80GB HBM3", "arch": "sm_90", "tensorrt": "11.4.0.106"}
     monkeypatch.setattr(plan, "unavailable_reason", lambda: None)

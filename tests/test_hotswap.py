@@ -15,13 +15,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save
 
-from svd.build import build_demo_engine
 from svd.config import Config
 from svd.control import call
-from svd.hotswap import canary_images
-from svd.manifest import BACKBONE_ONNX, HEAD, MANIFEST_NAME, InputSpec, read_manifest, utc_now
-from svd.model import tiny_dinov3_config
-from svd.swapbench import copy_engine
+from svd.engine.build import build_demo_engine
+from svd.engine.hotswap import canary_images
+from svd.engine.manifest import BACKBONE_ONNX, HEAD, MANIFEST_NAME, InputSpec, read_manifest, utc_now
+from svd.engine.model import tiny_dinov3_config
+from svd.tools.swapbench import copy_engine
 from tests.helpers import make_config, running_daemon
 from tests.test_server import query
 

@@ -12,9 +12,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from svd import protocol
 from svd.config import Config, load_config
 from svd.daemon import Daemon
+from svd.serve import protocol
 from tests.helpers import VALIDATOR, DaemonProcess, free_port, write_config
 
 

@@ -37,9 +37,9 @@ import psutil
 import pytest
 from PIL import Image
 
-from svd import protocol
-from svd.bench import make_jpegs
 from svd.config import DecodeConfig, ServerConfig
+from svd.serve import protocol
+from svd.tools.bench import make_jpegs
 from tests.helpers import VALIDATOR, DaemonProcess
 
 FLOOD = 1000

@@ -19,12 +19,12 @@ import structlog
 import torch
 from safetensors.torch import load_file, save, save_file
 
-from svd.backends.onnx import make_session
-from svd.backends.torch import load_backbone_parts
-from svd.build import assemble_engine, build_demo_engine, build_engine, export_backbone_onnx, random_head
 from svd.cli import main
-from svd.engine import load_engine
-from svd.manifest import (
+from svd.engine.backends.onnx import make_session
+from svd.engine.backends.torch import load_backbone_parts
+from svd.engine.build import assemble_engine, build_demo_engine, build_engine, export_backbone_onnx, random_head
+from svd.engine.load import load_engine
+from svd.engine.manifest import (
     BACKBONE_CONFIG,
     BACKBONE_ONNX,
     BACKBONE_ONNX_DATA,
@@ -42,7 +42,7 @@ from svd.manifest import (
     verify_engine_dir,
     write_engine_dir,
 )
-from svd.model import (
+from svd.engine.model import (
     DINOV3,
     SIGLIP2,
     EnsembleBackbone,
@@ -275,10 +275,10 @@ def test_build_engine_from_a_head_checkpoint_with_the_plan_hook(
         plan_path.write_bytes(b"plan")
         return {"precision": "bf16", "gpu_arch": "sm_90"}
 
-    plan = types.ModuleType("svd.plan")
+    plan = types.ModuleType("svd.engine.plan")
     plan.plan_supported = lambda: True  # type: ignore[attr-defined]
     plan.build_plan = build_plan  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "svd.plan", plan)
+    monkeypatch.setitem(sys.modules, "svd.engine.plan", plan)
     checkpoint = tmp_path / "head.safetensors"
     save_file(old_head_state(random_head(128, hidden=8, seed=4)), str(checkpoint))
     path = build_engine(

@@ -24,9 +24,10 @@ from typing import Any
 
 import pytest
 
-from svd import cli, db
-from svd.bench import make_jpegs
-from svd.review import IMAGES_SUBDIR, LABEL_FIELD, uncertainty
+from svd import cli
+from svd.samples import db
+from svd.samples.review import IMAGES_SUBDIR, LABEL_FIELD, uncertainty
+from svd.tools.bench import make_jpegs
 from tests.helpers import free_port
 
 MONGOD_START_S = 60.0

@@ -13,8 +13,8 @@ import pytest
 
 from svd.cli import main
 from svd.config import SamplesConfig
-from svd.samples import parse_since
-from svd.uncertain import UncertainLog
+from svd.samples.cli import parse_since
+from svd.samples.log import UncertainLog
 from tests.test_uncertain import jpeg_b64
 
 DAY = 86_400.0

@@ -10,9 +10,9 @@ import aiohttp
 import pytest
 from bittensor_wallet import Keypair
 
-from svd import protocol
 from svd.config import Config
 from svd.control import call
+from svd.serve import protocol
 from tests.helpers import STRANGER, VALIDATOR, make_config, running_daemon
 
 
@@ -81,9 +81,9 @@ async def test_get_and_unknown_routes_are_refused(config: Config) -> None:
 
 
 async def test_nan_engine_answers_errors_never_nan(config: Config, tmp_path: Path, jpegs_b64: list[str]) -> None:
-    from svd.build import build_demo_engine
-    from svd.engine import load_engine
-    from svd.model import tiny_dinov3_config
+    from svd.engine.build import build_demo_engine
+    from svd.engine.load import load_engine
+    from svd.engine.model import tiny_dinov3_config
 
     tiny = tiny_dinov3_config(hidden_size=32, num_layers=1, num_heads=1)
     nan_engine = load_engine(build_demo_engine(tmp_path / "poisoned", "nan", config=tiny, head_nan=True))
@@ -105,9 +105,9 @@ async def test_nan_engine_answers_errors_never_nan(config: Config, tmp_path: Pat
 
 
 async def test_nan_engine_is_refused_at_start_up(tmp_path: Path) -> None:
-    from svd.build import build_demo_engine
-    from svd.engine import EngineOutputError
-    from svd.model import tiny_dinov3_config
+    from svd.engine.build import build_demo_engine
+    from svd.engine.load import EngineOutputError
+    from svd.engine.model import tiny_dinov3_config
 
     tiny = tiny_dinov3_config(hidden_size=32, num_layers=1, num_heads=1)
     build_demo_engine(tmp_path / "engines", "nan", config=tiny, head_nan=True)

@@ -8,15 +8,15 @@ from pathlib import Path
 import pytest
 
 from svd.config import Config
-from svd.swapbench import STAGING, SWAPS, run_swaps, sequence
+from svd.tools.swapbench import STAGING, SWAPS, run_swaps, sequence
 from tests.helpers import make_config, running_daemon
 
 
 @pytest.fixture(scope="module")
 def other_backbone(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A second tiny engine whose backbone differs from tiny_engine's (another seed)."""
-    from svd.build import build_demo_engine
-    from svd.model import tiny_dinov3_config
+    from svd.engine.build import build_demo_engine
+    from svd.engine.model import tiny_dinov3_config
 
     engines = tmp_path_factory.mktemp("other")
     return build_demo_engine(engines, name="other", seed=7, config=tiny_dinov3_config(64, 2, 2))

@@ -16,12 +16,12 @@ import pytest
 import torch
 from structlog.testing import capture_logs
 
-from svd import plan
-from svd.backends.select import choose_backend, select_backend
-from svd.backends.torch import load_backbone_parts
-from svd.build import build_demo_engine, export_backbone_onnx
-from svd.engine import load_engine
-from svd.manifest import (
+from svd.engine import plan
+from svd.engine.backends.select import choose_backend, select_backend
+from svd.engine.backends.torch import load_backbone_parts
+from svd.engine.build import build_demo_engine, export_backbone_onnx
+from svd.engine.load import load_engine
+from svd.engine.manifest import (
     BACKBONE_ONNX,
     BACKBONE_ONNX_DATA,
     BACKBONE_PLAN,
@@ -31,8 +31,15 @@ from svd.manifest import (
     verify_engine_dir,
     write_engine_dir,
 )
-from svd.model import DINOV3, SIGLIP2, EnsembleBackbone, member_from_config, tiny_dinov3_config, tiny_siglip2_config
-from svd.plan import (
+from svd.engine.model import (
+    DINOV3,
+    SIGLIP2,
+    EnsembleBackbone,
+    member_from_config,
+    tiny_dinov3_config,
+    tiny_siglip2_config,
+)
+from svd.engine.plan import (
     CANARY_KINDS,
     ONNX_BFLOAT16,
     PLAN_MIN_CENTRED_COSINE,

@@ -17,9 +17,9 @@ import pytest
 import structlog
 from PIL import Image
 
-from svd import db
 from svd.config import SamplesConfig
-from svd.uncertain import MAX_ATTEMPTS, SamplePolicy, UncertainLog
+from svd.samples import db
+from svd.samples.log import MAX_ATTEMPTS, SamplePolicy, UncertainLog
 from tests.helpers import VALIDATOR, make_config, running_daemon
 
 CFG = SamplesConfig(flush_interval_s=60.0, batch_max=8, queue_max=64)
@@ -388,7 +388,7 @@ async def test_the_byte_bound_counts_the_features_and_gives_them_back(opened: Op
 async def test_a_kept_prediction_holds_its_own_row_not_the_batch() -> None:
     from concurrent.futures import ThreadPoolExecutor
 
-    from svd.batcher import Batcher
+    from svd.serve.batcher import Batcher
     from tests.helpers import FakeEngine
 
     worker = ThreadPoolExecutor(max_workers=1)
@@ -436,8 +436,8 @@ async def test_a_retention_pass_gives_the_space_back_to_the_file_system(opened: 
 async def test_an_answer_in_the_band_lands_with_the_engines_features(
     tmp_path: Path, tiny_engine: Path, jpegs: list[bytes]
 ) -> None:
-    from svd.decode import DecodeLimits, decode_image
-    from svd.engine import load_engine
+    from svd.engine.load import load_engine
+    from svd.serve.decode import DecodeLimits, decode_image
     from tests.test_server import query
 
     cfg = make_config(tmp_path, tiny_engine, samples={"random_rate": 0.0})

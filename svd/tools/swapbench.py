@@ -33,10 +33,10 @@ from typing import Any
 
 import numpy as np
 
-from svd import protocol
 from svd.config import Config
 from svd.control import call
-from svd.manifest import BACKBONE_ONNX, HEAD, InputSpec, read_manifest, utc_now, write_engine_dir
+from svd.engine.manifest import BACKBONE_ONNX, HEAD, InputSpec, read_manifest, utc_now, write_engine_dir
+from svd.serve import protocol
 
 STAGING = ".swapbench"  # dot-named: the watcher and list_engines() ignore it
 OUTCOME_TIMEOUT_S = 120.0
@@ -286,7 +286,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_swapbench(args: argparse.Namespace, cfg: Config) -> int:
-    from svd.bench import load_images
+    from svd.tools.bench import load_images
 
     try:
         status = call(cfg.socket_path, "status")

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import structlog
 
-from svd.manifest import SERVED_INPUT, EngineError
+from svd.engine.manifest import SERVED_INPUT, EngineError
 
 if TYPE_CHECKING:
     import onnx
@@ -335,7 +335,7 @@ def canary_images(batch_size: int, seed: int = PARITY_SEED) -> np.ndarray:
 def _decoded_scenes(n: int, seed: int) -> list[np.ndarray]:
     from PIL import Image
 
-    from svd.bench import make_jpegs
+    from svd.tools.bench import make_jpegs
 
     scenes = []
     for jpeg in make_jpegs(n, seed=seed):
@@ -515,7 +515,7 @@ def _build_serialized(onnx_path: Path, precision: str, profile: Mapping[str, int
 def _trt_build(graph: bytes, onnx_path: Path, precision: str, profile: Mapping[str, int]) -> bytes:
     import tensorrt as trt
 
-    from svd.backends.tensorrt import trt_logger
+    from svd.engine.backends.tensorrt import trt_logger
 
     builder = trt.Builder(trt_logger())
     # TensorRT 11: every network is strongly typed; the creation flag is deprecated and ignored.
@@ -543,7 +543,7 @@ def _trt_build(graph: bytes, onnx_path: Path, precision: str, profile: Mapping[s
 @contextmanager
 def _loaded_plan(blob: bytes) -> Iterator[Callable[[np.ndarray], np.ndarray]]:
     """A candidate plan loaded in TensorRTBackend, as its features function; closed on exit."""
-    from svd.backends.tensorrt import TensorRTBackend
+    from svd.engine.backends.tensorrt import TensorRTBackend
 
     backend = TensorRTBackend()
     try:

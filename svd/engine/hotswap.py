@@ -25,11 +25,11 @@ import numpy as np
 import structlog
 from watchfiles import Change, awatch
 
-from svd.batcher import Batcher
 from svd.config import EngineConfig
 from svd.control import CommandError
-from svd.engine import SERVED_SHAPE, Engine, EngineError, list_engines, load_engine
-from svd.manifest import TEMP_PREFIX, Manifest, read_manifest, verify_engine_dir
+from svd.engine.load import SERVED_SHAPE, Engine, EngineError, list_engines, load_engine
+from svd.engine.manifest import TEMP_PREFIX, Manifest, read_manifest, verify_engine_dir
+from svd.serve.batcher import Batcher
 
 log = structlog.get_logger(__name__)
 CANARY_IMAGES = 4

@@ -20,7 +20,7 @@ from typing import Protocol
 import numpy as np
 import structlog
 
-from svd.engine import EngineOutputError
+from svd.engine.load import EngineOutputError
 from svd.errors import EngineDead, EngineFailure, Overloaded, RequestTimeout, ShuttingDown, SvdError
 from svd.status import Stats
 

@@ -1,4 +1,4 @@
-"""`python -m svd.trtbench`: TensorRT plan vs ONNX Runtime throughput on this machine's card.
+"""`python -m svd.tools.trtbench`: TensorRT plan vs ONNX Runtime throughput on this machine's card.
 
 For a tiny (ViT-Ti shaped) and a ViT-S shaped random DINOv3 backbone, built
 here as demo engines (no downloads), it prints p50 latency and images/s at
@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from svd.manifest import BACKBONE_ONNX, BACKBONE_PLAN, read_manifest
-from svd.plan import canary_images
+from svd.engine.manifest import BACKBONE_ONNX, BACKBONE_PLAN, read_manifest
+from svd.engine.plan import canary_images
 
 MODELS = {
     # name: (hidden, layers, heads)
@@ -50,8 +50,8 @@ def _line(model: str, backend: str, device: str, batch: int, p50: float, ips: fl
 
 
 def _build_engine(root: Path, model: str) -> Path:
-    from svd.build import build_demo_engine
-    from svd.model import tiny_dinov3_config
+    from svd.engine.build import build_demo_engine
+    from svd.engine.model import tiny_dinov3_config
 
     hidden, layers, heads = MODELS[model]
     config = tiny_dinov3_config(hidden_size=hidden, num_layers=layers, num_heads=heads)
@@ -59,7 +59,7 @@ def _build_engine(root: Path, model: str) -> Path:
 
 
 def _ort_rows(engine_dir: Path, model: str, batches: Sequence[int], iters: int) -> list[str]:
-    from svd.backends.onnx import OnnxBackend
+    from svd.engine.backends.onnx import OnnxBackend
 
     backend = OnnxBackend()
     backend.load(engine_dir, read_manifest(engine_dir))
@@ -77,8 +77,8 @@ def _plan_for(engine_dir: Path, model: str, max_batch: int) -> tuple[Path, dict[
         return engine_dir / BACKBONE_PLAN, manifest.plan
     import torch
 
-    from svd.backends.torch import load_backbone_parts
-    from svd.plan import build_plan
+    from svd.engine.backends.torch import load_backbone_parts
+    from svd.engine.plan import build_plan
 
     reference_model = load_backbone_parts(engine_dir, manifest).cuda()
 
@@ -92,7 +92,7 @@ def _plan_for(engine_dir: Path, model: str, max_batch: int) -> tuple[Path, dict[
 
 
 def _trt_rows(engine_dir: Path, model: str, batches: Sequence[int], iters: int) -> list[str]:
-    from svd.backends.tensorrt import TensorRTBackend
+    from svd.engine.backends.tensorrt import TensorRTBackend
 
     plan_path, facts = _plan_for(engine_dir, model, max(batches))
     print(
@@ -111,9 +111,9 @@ def _trt_rows(engine_dir: Path, model: str, batches: Sequence[int], iters: int) 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from svd.plan import unavailable_reason
+    from svd.engine.plan import unavailable_reason
 
-    parser = argparse.ArgumentParser(prog="python -m svd.trtbench", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m svd.tools.trtbench", description=__doc__)
     parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=list(MODELS))
     parser.add_argument("--batches", nargs="+", type=int, default=list(DEFAULT_BATCHES))
     parser.add_argument("--iters", type=int, default=20, help="timed calls per batch size (after 3 warm-up calls)")

@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from svd.db import IMAGE_SUFFIXES, SHA256_RE, write_image_file
-from svd.samples import positive_int
+from svd.samples.cli import positive_int
+from svd.samples.db import IMAGE_SUFFIXES, SHA256_RE, write_image_file
 
 if TYPE_CHECKING:
     from svd.config import Config
@@ -277,7 +277,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_export(args: argparse.Namespace, cfg: Config) -> int:
     """`svd review export`: 0, or 1 with a one-line error."""
-    from svd.db import connect_readonly
+    from svd.samples.db import connect_readonly
 
     images_dir = cfg.state_dir / IMAGES_SUBDIR
     try:
@@ -305,7 +305,7 @@ def run_export(args: argparse.Namespace, cfg: Config) -> int:
 
 def run_import(args: argparse.Namespace, cfg: Config) -> int:
     """`svd review import`: 0, or 1 with a one-line error (nothing written then)."""
-    from svd.db import connect_existing
+    from svd.samples.db import connect_existing
 
     reviewer = args.reviewer or os.environ.get("USER") or getpass.getuser()
     try:
@@ -329,7 +329,7 @@ def run_import(args: argparse.Namespace, cfg: Config) -> int:
 
 def _reported_errors() -> tuple[type[Exception], ...]:
     """What a review command reports in one line: its own errors, samples.db's, FiftyOne's database's."""
-    from svd.db import DatabaseError
+    from svd.samples.db import DatabaseError
 
     ours = (ReviewError, DatabaseError, sqlite3.OperationalError)  # e.g. "database is locked"
     try:

@@ -13,7 +13,7 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from svd.manifest import SERVED_INPUT, EngineError, Manifest
+from svd.engine.manifest import SERVED_INPUT, EngineError, Manifest
 
 
 @runtime_checkable

@@ -17,14 +17,14 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 
-from svd import btauth, protocol
-from svd.auth import Authenticator, Caller
-from svd.batcher import Batcher, Prediction
 from svd.config import ServerConfig
-from svd.decode import DecodeLimits, decode_image
 from svd.errors import BadRequest, PayloadTooLarge, RequestTimeout, SlowBody, SvdError, Unauthorized
+from svd.samples.log import UncertainLog
+from svd.serve import btauth, protocol
+from svd.serve.auth import Authenticator, Caller
+from svd.serve.batcher import Batcher, Prediction
+from svd.serve.decode import DecodeLimits, decode_image
 from svd.status import Stats
-from svd.uncertain import UncertainLog
 
 log = structlog.get_logger(__name__)
 

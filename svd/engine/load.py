@@ -17,9 +17,9 @@ import structlog
 import torch
 from safetensors.torch import load_file
 
-from svd.backends.base import Backend, blank_images
-from svd.backends.select import choose_backend
-from svd.manifest import (
+from svd.engine.backends.base import Backend, blank_images
+from svd.engine.backends.select import choose_backend
+from svd.engine.manifest import (
     BACKBONE_PLAN,
     HEAD,
     MANIFEST_NAME,
@@ -30,7 +30,7 @@ from svd.manifest import (
     read_manifest,
     verify_engine_dir,
 )
-from svd.model import Head, numpy_to_tensor
+from svd.engine.model import Head, numpy_to_tensor
 
 log = structlog.get_logger(__name__)
 

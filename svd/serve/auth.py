@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 from bittensor_wallet import Keypair
 
-from svd.chain import ChainSnapshot
 from svd.errors import Forbidden, RateLimited, Unauthorized
-from svd.protocol import CallerHeaders
+from svd.serve.chain import ChainSnapshot
+from svd.serve.protocol import CallerHeaders
 
 NS = 1_000_000_000
 # Bound on per-hotkey caches (keys, rate buckets): more than any subnet has callers.

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from svd.config import Config, SamplesConfig
-from svd.db import IMAGE_SUFFIXES, SHA256_RE, DatabaseError, connect_readonly, write_image_file
+from svd.samples.db import IMAGE_SUFFIXES, SHA256_RE, DatabaseError, connect_readonly, write_image_file
 
 LABEL_STATES = ("unlabelled", "testnet", "reviewed", "labelled")
 SOURCES = ("band", "testnet", "random")

@@ -9,8 +9,8 @@ import numpy as np
 import onnxruntime as ort
 import structlog
 
-from svd.backends.base import blank_images, require_part
-from svd.manifest import BACKBONE_ONNX, EngineError, Manifest
+from svd.engine.backends.base import blank_images, require_part
+from svd.engine.manifest import BACKBONE_ONNX, EngineError, Manifest
 
 log = structlog.get_logger(__name__)
 

@@ -20,9 +20,9 @@ from typing import Any
 import numpy as np
 import structlog
 
-from svd.backends.base import blank_images, require_part
-from svd.manifest import BACKBONE_PLAN, SERVED_INPUT, EngineError, Manifest
-from svd.plan import INPUT_NAME, OUTPUT_NAME, plan_usable
+from svd.engine.backends.base import blank_images, require_part
+from svd.engine.manifest import BACKBONE_PLAN, SERVED_INPUT, EngineError, Manifest
+from svd.engine.plan import INPUT_NAME, OUTPUT_NAME, plan_usable
 
 log = structlog.get_logger(__name__)
 

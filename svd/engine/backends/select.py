@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 
 import structlog
 
-from svd.backends.base import Backend
-from svd.manifest import BACKBONE_CONFIG, BACKBONE_ONNX, BACKBONE_PLAN, BACKBONE_WEIGHTS, EngineError, Manifest
+from svd.engine.backends.base import Backend
+from svd.engine.manifest import BACKBONE_CONFIG, BACKBONE_ONNX, BACKBONE_PLAN, BACKBONE_WEIGHTS, EngineError, Manifest
 
 log = structlog.get_logger(__name__)
 
@@ -29,14 +29,14 @@ NEEDS: dict[str, tuple[str, ...]] = {
 
 def _make_tensorrt(threads: int) -> Backend:
     # threads: TensorRT runs on the GPU; the CPU thread count does not apply.
-    from svd.backends.tensorrt import TensorRTBackend
+    from svd.engine.backends.tensorrt import TensorRTBackend
 
     return TensorRTBackend()
 
 
 def _make_onnx(threads: int) -> Backend:
     try:
-        from svd.backends.onnx import OnnxBackend
+        from svd.engine.backends.onnx import OnnxBackend
     except ImportError as exc:
         raise EngineError(f"onnxruntime is not importable ({exc})") from exc
     return OnnxBackend(threads=threads)
@@ -48,7 +48,7 @@ def _make_torch(threads: int) -> Backend:
         import transformers  # noqa: F401
     except ImportError as exc:
         raise EngineError(f"transformers is not installed; pip install 'svd[build]' ({exc})") from exc
-    from svd.backends.torch import TorchBackend
+    from svd.engine.backends.torch import TorchBackend
 
     return TorchBackend(threads=threads)
 
@@ -74,7 +74,7 @@ def _plan_reason(manifest: Manifest | None) -> str | None:
     # Only an engine that carries a plan is checked; no plan is an ordinary skip.
     if manifest is None or BACKBONE_PLAN not in manifest.parts:
         return None
-    from svd.plan import plan_usable
+    from svd.engine.plan import plan_usable
 
     reason = plan_usable(manifest.plan)
     if reason is not None:

@@ -55,7 +55,7 @@ from bittensor_wallet import Keypair
 from bittensor_wallet.utils import SS58_FORMAT, get_ss58_format
 
 from svd.errors import BadRequest, Unauthorized
-from svd.protocol import MAX_NONCE
+from svd.serve.protocol import MAX_NONCE
 
 PROTOCOL = "btauth/1"
 VERSION = "1"  # what the SDK writes into X-Bittensor-Version

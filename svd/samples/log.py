@@ -30,8 +30,8 @@ import numpy as np
 import structlog
 from PIL import Image
 
-from svd import db
 from svd.config import SamplesConfig
+from svd.samples import db
 
 log = structlog.get_logger(__name__)
 

@@ -31,9 +31,9 @@ from safetensors.torch import load_file, save
 from torch import nn
 from transformers import DINOv3ViTConfig, SiglipVisionConfig
 
-from svd.backends.onnx import INPUT_NAME, OUTPUT_NAME, make_session
-from svd.backends.torch import backbone_config_json
-from svd.manifest import (
+from svd.engine.backends.onnx import INPUT_NAME, OUTPUT_NAME, make_session
+from svd.engine.backends.torch import backbone_config_json
+from svd.engine.manifest import (
     BACKBONE_CONFIG,
     BACKBONE_ONNX,
     BACKBONE_ONNX_DATA,
@@ -47,7 +47,7 @@ from svd.manifest import (
     utc_now,
     write_engine_dir,
 )
-from svd.model import (
+from svd.engine.model import (
     DINOV3,
     SIGLIP2,
     EnsembleBackbone,
@@ -228,9 +228,9 @@ def _maybe_build_plan(
     `plan_skipped` says why.
     """
     try:
-        plan = importlib.import_module("svd.plan")
+        plan = importlib.import_module("svd.engine.plan")
     except ImportError as exc:
-        log.info("plan_skipped", reason=f"svd.plan not importable ({exc})")
+        log.info("plan_skipped", reason=f"svd.engine.plan not importable ({exc})")
         return None
     if not plan.plan_supported():
         log.info("plan_skipped", reason="plan_supported() is false (no CUDA or TensorRT)")

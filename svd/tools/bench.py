@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from svd import protocol
 from svd.config import Config
+from svd.serve import protocol
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -195,8 +195,8 @@ async def flooded(
 
 def raw_ceilings(cfg: Config, images: list[str], batch: int, seconds: float = 5.0) -> dict[str, Any]:
     """Time decode+engine and engine alone in this process, as the daemon's worker would."""
-    from svd.decode import DecodeLimits, decode_image
-    from svd.engine import load_engine, newest_engine
+    from svd.engine.load import load_engine, newest_engine
+    from svd.serve.decode import DecodeLimits, decode_image
 
     path = cfg.engines_dir / cfg.engine.name if cfg.engine.name else newest_engine(cfg.engines_dir)
     if path is None:

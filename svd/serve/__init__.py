@@ -1,0 +1,1 @@
+"""The validator-facing path: request in -> checks -> decode -> batch -> answer."""

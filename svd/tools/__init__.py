@@ -1,0 +1,1 @@
+"""Operator benchmarks: `svd bench`, `svd swapbench`, `python -m svd.tools.trtbench`."""
