@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from svd.config import Config
-from svd.tools.bench import make_jpegs
+from svd.engine.canary import street_jpegs
 from tests.helpers import DaemonProcess, FakeEngine, free_port, load_hotkey_from_status, make_config, write_config
 
 
@@ -31,7 +31,7 @@ def tiny_engine(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def jpegs() -> list[bytes]:
-    return make_jpegs(12, seed=1)
+    return street_jpegs(12, seed=1)
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from svd.engine.backends.select import select_backend
-from svd.engine.build import PARITY_MAX_PROB_DIFF, PARITY_MIN_COSINE, build_demo_engine, gate_parity
+from svd.engine.build import build_demo_engine
 from svd.engine.load import EngineOutputError, list_engines, load_engine, newest_engine
 from svd.engine.manifest import (
     BACKBONE_CONFIG,
@@ -34,6 +34,7 @@ from svd.engine.manifest import (
     write_engine_dir,
 )
 from svd.engine.model import feature_dim, tiny_dinov3_config
+from svd.engine.parity import PARITY_MAX_PROB_DIFF, PARITY_MIN_COSINE, gate_parity
 
 # Small enough for a 2-core CI box, big enough to have registers and 2 blocks.
 TEST_CONFIG = dict(hidden_size=64, num_layers=2, num_heads=2, num_register_tokens=4)
@@ -324,12 +325,12 @@ def test_plan_that_fails_to_load_falls_back_to_the_engines_onnx(
 ) -> None:
     from structlog.testing import capture_logs
 
-    from svd.engine import plan
     from svd.engine.backends import select
+    from svd.engine.backends import tensorrt as trt_backend
 
     here = {"gpu": "NVIDIA H100 80GB HBM3", "arch": "sm_90", "tensorrt": "11.4.0.106"}
-    monkeypatch.setattr(plan, "unavailable_reason", lambda: None)
-    monkeypatch.setattr(plan, "device_facts", lambda device=0: dict(here))
+    monkeypatch.setattr(trt_backend, "unavailable_reason", lambda: None)
+    monkeypatch.setattr(trt_backend, "device_facts", lambda device=0: dict(here))
     refused = _PlanThatWillNotLoad()
     monkeypatch.setitem(select._FACTORIES, "tensorrt", lambda threads: refused)
     manifest = read_manifest(built)
@@ -349,3 +350,48 @@ def test_plan_that_fails_to_load_falls_back_to_the_engines_onnx(
     with pytest.raises(EngineError, match="cannot deserialize"):
         load_engine(target, backend="tensorrt")
     engine.close()
+
+
+def test_a_head_engine_shares_the_backbone_files_and_hash(engine_copy: Path, tmp_path: Path) -> None:
+    from svd.engine.build import write_head_engine
+    from svd.engine.head import random_head
+
+    base = read_manifest(engine_copy)
+    head = random_head(base.feature_dims, hidden=32, seed=11)
+    target = engine_copy.parent / "nightly-1"
+    written = write_head_engine(
+        engine_copy, target, head, version="2026.11.30", train_run_id="run-1", holdout_metrics={"mcc": 0.5}
+    )
+    manifest = verify_engine_dir(target)  # every hash checked from disk
+    assert manifest == written and manifest.name == "nightly-1" and manifest.version == "2026.11.30"
+    assert manifest.train_run_id == "run-1" and manifest.holdout_metrics == {"mcc": 0.5}
+    assert manifest.created > base.created and manifest.threshold == 0.5
+    assert manifest.backbone_sha256 == base.backbone_sha256 and manifest.members == base.members
+    assert {k: v for k, v in manifest.parts.items() if k != HEAD} == {k: v for k, v in base.parts.items() if k != HEAD}
+    assert manifest.parts[HEAD] != base.parts[HEAD]
+    # The backbone is the same file on disk (a hard link), not a copy.
+    assert (target / BACKBONE_ONNX).stat().st_ino == (engine_copy / BACKBONE_ONNX).stat().st_ino
+    old, new = load_engine(engine_copy), load_engine(target, reuse=None)
+    batch = images(3, seed=4)
+    assert np.array_equal(old.infer(batch).features, new.infer(batch).features)
+    assert not np.allclose(old.infer(batch).probs, new.infer(batch).probs)
+
+
+def test_a_head_engine_is_refused_when_it_cannot_be_what_it_says(engine_copy: Path) -> None:
+    from svd.engine.build import write_head_engine
+    from svd.engine.head import random_head
+
+    base = read_manifest(engine_copy)
+    with pytest.raises(EngineError, match="head takes features"):
+        write_head_engine(engine_copy, engine_copy.parent / "x", random_head(base.feature_dim + 1), version="1")
+    with pytest.raises(EngineError, match="finite"):
+        write_head_engine(
+            engine_copy,
+            engine_copy.parent / "y",
+            random_head(base.feature_dims),
+            version="1",
+            holdout_metrics={"mcc": float("nan")},
+        )
+    with pytest.raises(EngineError, match="already exists"):
+        write_head_engine(engine_copy, engine_copy, random_head(base.feature_dims), version="1")
+    assert sorted(p.name for p in engine_copy.parent.iterdir()) == ["copy"]

@@ -38,8 +38,8 @@ import pytest
 from PIL import Image
 
 from svd.config import DecodeConfig, ServerConfig
+from svd.engine.canary import street_jpegs
 from svd.serve import protocol
-from svd.tools.bench import make_jpegs
 from tests.helpers import VALIDATOR, DaemonProcess
 
 FLOOD = 1000
@@ -293,7 +293,7 @@ def _saved(fmt: str, size: tuple[int, int] = (224, 224)) -> bytes:
 
 @pytest.fixture(scope="module")
 def payloads() -> Payloads:
-    jpeg = make_jpegs(1, seed=3)[0]
+    jpeg = street_jpegs(1, seed=3)[0]
     side = math.isqrt(MAX_PIXELS) + 64
     inflate_50mb = zlib.compress(b"\0" * 50_000_000, 9)
     return Payloads(

@@ -22,7 +22,9 @@ from safetensors.torch import load_file, save, save_file
 from svd.cli import main
 from svd.engine.backends.onnx import make_session
 from svd.engine.backends.torch import load_backbone_parts
-from svd.engine.build import assemble_engine, build_demo_engine, build_engine, export_backbone_onnx, random_head
+from svd.engine.build import assemble_engine, build_demo_engine, build_engine
+from svd.engine.export import export_backbone_onnx
+from svd.engine.head import Head, MemberHead, random_head
 from svd.engine.load import load_engine
 from svd.engine.manifest import (
     BACKBONE_CONFIG,
@@ -46,9 +48,7 @@ from svd.engine.model import (
     DINOV3,
     SIGLIP2,
     EnsembleBackbone,
-    Head,
     MemberBackbone,
-    MemberHead,
     load_member,
     member_from_config,
     tiny_dinov3_config,

@@ -25,9 +25,9 @@ from typing import Any
 import pytest
 
 from svd import cli
+from svd.engine.canary import street_jpegs
 from svd.samples import db
 from svd.samples.review import IMAGES_SUBDIR, LABEL_FIELD, uncertainty
-from svd.tools.bench import make_jpegs
 from tests.helpers import free_port
 
 MONGOD_START_S = 60.0
@@ -98,7 +98,7 @@ def state(tmp_path: Path) -> Iterator[tuple[Path, sqlite3.Connection]]:
     conn.close()
 
 
-IMAGES = make_jpegs(8, seed=3)
+IMAGES = street_jpegs(8, seed=3)
 
 
 def add_sample(

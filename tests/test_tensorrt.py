@@ -17,9 +17,13 @@ import torch
 from structlog.testing import capture_logs
 
 from svd.engine import plan
+from svd.engine.backends import tensorrt as trt_backend
 from svd.engine.backends.select import choose_backend, select_backend
+from svd.engine.backends.tensorrt import plan_usable
 from svd.engine.backends.torch import load_backbone_parts
-from svd.engine.build import build_demo_engine, export_backbone_onnx
+from svd.engine.build import build_demo_engine
+from svd.engine.canary import CANARY_KINDS, canary_images
+from svd.engine.export import export_backbone_onnx
 from svd.engine.load import load_engine
 from svd.engine.manifest import (
     BACKBONE_ONNX,
@@ -39,21 +43,20 @@ from svd.engine.model import (
     tiny_dinov3_config,
     tiny_siglip2_config,
 )
-from svd.engine.plan import (
-    CANARY_KINDS,
-    ONNX_BFLOAT16,
+from svd.engine.parity import (
     PLAN_MIN_CENTRED_COSINE,
     PLAN_MIN_COSINE,
-    build_plan,
-    canary_images,
-    cast_linear_layers,
-    cast_uint8_inputs,
     check_plan_parity,
     compare_features,
     gate_plan_parity,
+)
+from svd.engine.plan import (
+    ONNX_BFLOAT16,
+    build_plan,
+    cast_linear_layers,
+    cast_uint8_inputs,
     load_graph,
     plan_supported,
-    plan_usable,
     tensorrt_graph,
 )
 
@@ -61,7 +64,7 @@ HERE = {"gpu": "NVIDIA H100 80GB HBM3", "arch": "sm_90", "tensorrt": "11.4.0.106
 FACTS: dict[str, Any] = {**HERE, "precision": "bf16-linear", "profile": {"min": 1, "opt": 16, "max": 32}}
 ONNX_DOUBLE = 11
 
-gpu = pytest.mark.skipif(not plan_supported(), reason=f"needs CUDA and TensorRT: {plan.unavailable_reason()}")
+gpu = pytest.mark.skipif(not plan_supported(), reason=f"needs CUDA and TensorRT: {trt_backend.unavailable_reason()}")
 
 
 @pytest.fixture(scope="module")
@@ -159,8 +162,8 @@ def test_plan_usable_looks_up_the_given_device(monkeypatch: pytest.MonkeyPatch) 
         asked.append(device)
         return dict(HERE)
 
-    monkeypatch.setattr(plan, "unavailable_reason", lambda: None)
-    monkeypatch.setattr(plan, "device_facts", facts)
+    monkeypatch.setattr(trt_backend, "unavailable_reason", lambda: None)
+    monkeypatch.setattr(trt_backend, "device_facts", facts)
     assert plan_usable(FACTS, device=1) is None and asked == [1]
 
 
@@ -390,8 +393,8 @@ class FakeTensorRT:
     def __init__(self, monkeypatch: pytest.MonkeyPatch, faults: dict[str, BaseException | str]) -> None:
         self.faults = faults
         self.parsed: list[tuple[str, Path]] = []
-        monkeypatch.setattr(plan, "unavailable_reason", lambda: None)
-        monkeypatch.setattr(plan, "device_facts", lambda device=0: dict(HERE))
+        monkeypatch.setattr(trt_backend, "unavailable_reason", lambda: None)
+        monkeypatch.setattr(trt_backend, "device_facts", lambda device=0: dict(HERE))
         monkeypatch.setattr(plan, "_trt_build", self.build)
         monkeypatch.setattr(plan, "_loaded_plan", self.loaded)
 
@@ -473,7 +476,7 @@ def test_engine_ships_without_a_plan_that_fails(tmp_path: Path, monkeypatch: pyt
 def test_engine_with_plan_falls_back_to_onnx_without_tensorrt(
     tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(plan, "unavailable_reason", lambda: "TensorRT is not installed (test)")
+    monkeypatch.setattr(trt_backend, "unavailable_reason", lambda: "TensorRT is not installed (test)")
     engine_dir = with_plan(tiny, tmp_path / "with-plan", FACTS, b"not a real plan")
     manifest = verify_engine_dir(engine_dir)
     with capture_logs() as logs:
@@ -487,8 +490,8 @@ def test_engine_with_plan_falls_back_to_onnx_without_tensorrt(
 
 def test_plan_for_another_arch_falls_back_to_onnx(tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Fake only the edge of the world: this machine's GPU facts.
-    monkeypatch.setattr(plan, "unavailable_reason", lambda: None)
-    monkeypatch.setattr(plan, "device_facts", lambda device=0: dict(HERE))
+    monkeypatch.setattr(trt_backend, "unavailable_reason", lambda: None)
+    monkeypatch.setattr(trt_backend, "device_facts", lambda device=0: dict(HERE))
     engine_dir = with_plan(tiny, tmp_path / "ampere", {**FACTS, "arch": "sm_86"}, b"plan bytes for sm_86")
     with capture_logs() as logs:
         engine = load_engine(engine_dir)
@@ -540,7 +543,7 @@ def _reference(engine_dir: Path) -> Any:
 @pytest.fixture(scope="module")
 def gpu_plan(tiny: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
     if not plan_supported():
-        pytest.skip(f"needs CUDA and TensorRT: {plan.unavailable_reason()}")
+        pytest.skip(f"needs CUDA and TensorRT: {trt_backend.unavailable_reason()}")
     work = tmp_path_factory.mktemp("plan")
     facts = build_plan(tiny / "backbone.onnx", work / BACKBONE_PLAN, _reference(tiny), max_batch=16, opt_batch=8)
     engine_dir = with_plan(tiny, work / "engines" / "tiny-plan", facts, (work / BACKBONE_PLAN).read_bytes())
@@ -551,7 +554,7 @@ def gpu_plan(tiny: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path
 @gpu
 def test_build_plan_records_facts(gpu_plan: tuple[Path, dict[str, Any]]) -> None:
     _, facts = gpu_plan
-    assert facts["arch"].startswith("sm_") and facts["tensorrt"] == plan.device_facts()["tensorrt"]
+    assert facts["arch"].startswith("sm_") and facts["tensorrt"] == trt_backend.device_facts()["tensorrt"]
     assert facts["precision"] in plan.PRECISIONS
     assert facts["profile"] == {"min": 1, "opt": 8, "max": 16}
     assert facts["parity"]["feature_cosine_min"] >= PLAN_MIN_COSINE

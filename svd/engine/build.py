@@ -1,38 +1,32 @@
-"""Builds engine directories: export the backbone(s) to ONNX, check parity, write atomically.
+"""Writes engine directories: from backbones (export, parity, plan) or as a new head on an engine's backbone.
 
 One graph per engine: an ensemble's members run inside it and their features
 are concatenated (manifest member order). After the ONNX parity gate a
-TensorRT plan is built where `svd.plan` says it can be (a GPU box).
-
-Exporter: `torch.onnx.export(..., dynamo=True)` (torch.export + onnxscript).
-For DINOv3 it gives a clean graph: the RoPE sin/cos tables fold to constants
-and no `If` nodes remain, where the TorchScript exporter leaves ~3x more
-nodes including data-dependent `If`s that TensorRT handles badly.
+TensorRT plan is built where `svd.engine.plan` says it can be (a GPU box).
+write_head_engine() is what training writes: the serving engine's backbone
+parts, shared as they are, under a new head.
 """
 
 from __future__ import annotations
 
 import importlib
-import logging
 import math
 import tempfile
-import warnings
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
+from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import structlog
 import torch
-import transformers
 from safetensors.torch import load_file, save
 from torch import nn
-from transformers import DINOv3ViTConfig, SiglipVisionConfig
 
-from svd.engine.backends.onnx import INPUT_NAME, OUTPUT_NAME, make_session
 from svd.engine.backends.torch import backbone_config_json
+from svd.engine.export import DEFAULT_OPSET, export_backbone_onnx
+from svd.engine.head import Head, numpy_to_tensor, random_head
 from svd.engine.manifest import (
     BACKBONE_CONFIG,
     BACKBONE_ONNX,
@@ -44,6 +38,8 @@ from svd.engine.manifest import (
     EngineError,
     Manifest,
     Member,
+    SharedPart,
+    read_manifest,
     utc_now,
     write_engine_dir,
 )
@@ -51,160 +47,35 @@ from svd.engine.model import (
     DINOV3,
     SIGLIP2,
     EnsembleBackbone,
-    Head,
     load_member,
     member_from_config,
     tiny_dinov3_config,
     tiny_siglip2_config,
 )
+from svd.engine.parity import check_onnx_parity, gate_parity
+
+# transformers is the `build` extra: writing a head-only engine (training) must not need it.
+if TYPE_CHECKING:
+    from transformers import DINOv3ViTConfig, SiglipVisionConfig
 
 log = structlog.get_logger(__name__)
 
-DEFAULT_OPSET = 18
-PARITY_MIN_COSINE = 0.999
-PARITY_MAX_PROB_DIFF = 1e-3
-PARITY_BATCH_SIZES = (1, 4)
-MAX_EXPORT_BATCH = 1024
-# Above this many bytes of weights the graph keeps them in backbone.onnx.data:
-# one protobuf cannot exceed 2 GiB (ViT-L + SigLIP2 so400m is ~2.9 GB in FP32).
-EXTERNAL_DATA_BYTES = 1_800_000_000
 # Largest batch the TensorRT profile covers unless the caller says (flip TTA doubles a batch).
 PLAN_MAX_BATCH = 32
-# Loggers that chatter at WARNING during every export (e.g. "torchvision is not installed",
-# "Skipping constant folding for op Split with multiple outputs").
-_NOISY_LOGGERS = ("torch.onnx._internal.exporter._registration", "onnxscript.optimizer._constant_folding")
-
-
-@contextmanager
-def _quiet_export() -> Iterator[None]:
-    loggers = [logging.getLogger(name) for name in _NOISY_LOGGERS]
-    levels = [lg.level for lg in loggers]
-    with warnings.catch_warnings():
-        # torch.export itself trips FutureWarnings from torch internals; they are
-        # not ours to fix and would fail a test run with filterwarnings=error.
-        warnings.simplefilter("ignore", FutureWarning)
-        warnings.simplefilter("ignore", DeprecationWarning)
-        for lg in loggers:
-            lg.setLevel(logging.ERROR)
-        try:
-            yield
-        finally:
-            for lg, level in zip(loggers, levels, strict=True):
-                lg.setLevel(level)
-
-
-def weight_bytes(module: nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
-
-
-def export_backbone_onnx(
-    backbone: nn.Module, path: Path, opset: int = DEFAULT_OPSET, external_data: bool | None = None
-) -> None:
-    """Exports `backbone` to an ONNX graph with a dynamic batch dimension.
-
-    Input "images" uint8 [batch, 224, 224, 3]; output "features" float32 [batch, D].
-    external_data: weights in `<path>.data` beside the graph; None decides by
-    size (over EXTERNAL_DATA_BYTES), else one self-contained file.
-    """
-    if external_data is None:
-        external_data = weight_bytes(backbone) > EXTERNAL_DATA_BYTES
-    shape = (2, SERVED_INPUT.height, SERVED_INPUT.width, SERVED_INPUT.channels)
-    # Batch 2, not 1: torch.export specialises dimensions of size 1.
-    sample = torch.zeros(shape, dtype=torch.uint8)
-    batch = torch.export.Dim("batch", min=1, max=MAX_EXPORT_BATCH)
-    with _quiet_export():
-        torch.onnx.export(
-            backbone.eval(),
-            (sample,),
-            str(path),
-            input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
-            dynamic_shapes={"images": {0: batch}},
-            opset_version=opset,
-            dynamo=True,
-            external_data=external_data,
-            verbose=False,
-        )
-    data = path.with_name(path.name + ".data")
-    log.info(
-        "backbone_exported",
-        path=str(path),
-        opset=opset,
-        bytes=path.stat().st_size,
-        external_bytes=data.stat().st_size if data.exists() else 0,
-    )
 
 
 def _as_ensemble(backbone: nn.Module) -> EnsembleBackbone:
     return backbone if isinstance(backbone, EnsembleBackbone) else EnsembleBackbone([backbone])  # type: ignore[list-item]
 
 
-def check_parity(
-    backbone: nn.Module,
-    head: Head,
-    onnx_path: Path,
-    batch_sizes: Sequence[int] = PARITY_BATCH_SIZES,
-    seed: int = 0,
-) -> dict[str, float]:
-    """Compares ONNX Runtime features and probs with torch FP32 on random images.
-
-    Cosine is taken per member slice (a big member must not hide a broken
-    small one). Returns the worst figures over all batch sizes:
-    feature_max_abs_diff, feature_cosine_min (over all members),
-    prob_max_abs_diff, and per member k `member{k}_feature_cosine_min` and
-    `member{k}_feature_max_abs_diff`.
-    """
-    dims = list(head.feature_dims)
-    session = make_session(onnx_path, providers=["CPUExecutionProvider"])
-    rng = np.random.default_rng(seed)
-    figures = {"feature_max_abs_diff": 0.0, "feature_cosine_min": 1.0, "prob_max_abs_diff": 0.0}
-    for k in range(len(dims)):
-        figures[f"member{k}_feature_cosine_min"] = 1.0
-        figures[f"member{k}_feature_max_abs_diff"] = 0.0
-    for n in batch_sizes:
-        images = rng.integers(0, 256, (n, SERVED_INPUT.height, SERVED_INPUT.width, 3), dtype=np.uint8)
-        (ours,) = session.run([OUTPUT_NAME], {INPUT_NAME: images})
-        with torch.inference_mode():
-            ref_t = backbone(torch.from_numpy(images))
-            ours_t = torch.from_numpy(np.asarray(ours, dtype=np.float32))
-            parts = zip(torch.split(ours_t, dims, dim=1), torch.split(ref_t, dims, dim=1), strict=True)
-            for k, (a, b) in enumerate(parts):
-                cosine = torch.nn.functional.cosine_similarity(a, b, dim=1).min().item()
-                diff = (a - b).abs().max().item()
-                figures[f"member{k}_feature_cosine_min"] = _worst(figures[f"member{k}_feature_cosine_min"], cosine, min)
-                figures[f"member{k}_feature_max_abs_diff"] = _worst(
-                    figures[f"member{k}_feature_max_abs_diff"], diff, max
-                )
-            prob_diff = (head.probs(ours_t) - head.probs(ref_t)).abs().max().item()
-        figures["prob_max_abs_diff"] = _worst(figures["prob_max_abs_diff"], prob_diff, max)
-    figures["feature_cosine_min"] = min(figures[f"member{k}_feature_cosine_min"] for k in range(len(dims)))
-    figures["feature_max_abs_diff"] = max(figures[f"member{k}_feature_max_abs_diff"] for k in range(len(dims)))
-    return figures
-
-
-def _worst(old: float, new: float, pick: Callable[[float, float], float]) -> float:
-    # NaN must stick: min()/max() would drop it depending on argument order.
-    return math.nan if math.isnan(old) or math.isnan(new) else pick(old, new)
-
-
-def gate_parity(figures: dict[str, float]) -> None:
-    """Raises EngineError when figures miss the thresholds (NaN always misses)."""
-    cosine, prob_diff = figures["feature_cosine_min"], figures["prob_max_abs_diff"]
-    if not (cosine >= PARITY_MIN_COSINE and prob_diff <= PARITY_MAX_PROB_DIFF):
-        raise EngineError(
-            f"parity check failed: feature cosine min {cosine:.6f} (need >= {PARITY_MIN_COSINE}), "
-            f"prob max abs diff {prob_diff:.2e} (need <= {PARITY_MAX_PROB_DIFF:.0e})"
-        )
-
-
-def random_head(dims: Sequence[int] | int, hidden: int = 256, seed: int = 0) -> Head:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return Head(dims, hidden).eval()
-
-
 def _tensor_bytes(state: dict[str, torch.Tensor]) -> bytes:
     return save({k: v.detach().contiguous().cpu() for k, v in state.items()})
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return str(transformers.__version__)
 
 
 def _reference(backbone: nn.Module) -> Callable[[np.ndarray], np.ndarray]:
@@ -212,7 +83,7 @@ def _reference(backbone: nn.Module) -> Callable[[np.ndarray], np.ndarray]:
 
     def features(images: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
-            out: np.ndarray = backbone(torch.from_numpy(np.ascontiguousarray(images))).float().numpy()
+            out: np.ndarray = backbone(numpy_to_tensor(images)).float().numpy()
         return out
 
     return features
@@ -290,7 +161,7 @@ def assemble_engine(
     with tempfile.TemporaryDirectory(prefix="svd-build-") as work:
         onnx_path = Path(work) / BACKBONE_ONNX
         export_backbone_onnx(ensemble, onnx_path, opset, external_data)
-        parity = check_parity(ensemble, head, onnx_path)
+        parity = check_onnx_parity(ensemble, head, onnx_path)
         log.info("parity_checked", engine=manifest.name, **parity)
         gate_parity(parity)
         parts: dict[str, Path | bytes] = {BACKBONE_ONNX: onnx_path}
@@ -310,7 +181,7 @@ def assemble_engine(
             "exporter": "torch.onnx.export(dynamo=True)",
             "opset": opset,
             "torch": torch.__version__,
-            "transformers": transformers.__version__,
+            "transformers": _transformers_version(),
             "external_data": BACKBONE_ONNX_DATA in parts,
         }
         full = replace(manifest, parity=parity, export=export, plan=plan[1] if plan else None)
@@ -468,3 +339,52 @@ def build_engine(
         torch_parts=torch_parts,
         plan_max_batch=plan_max_batch,
     )
+
+
+def write_head_engine(
+    base: Path,
+    target: Path,
+    head: Head,
+    *,
+    version: str,
+    train_run_id: str | None = None,
+    holdout_metrics: Mapping[str, float] | None = None,
+    created: datetime | None = None,
+) -> Manifest:
+    """Writes engine `target`: a new head on `base`'s backbone; returns its manifest.
+
+    Every part but the head is `base`'s own file (hard-linked where the file
+    system allows, else copied), under the same hash, so a daemon serving
+    `base` swaps to it by loading the head alone. Name (target's directory
+    name), version, created time, run id and holdout metrics are new; the
+    decision threshold is 0.5 (a trained head folds its decision bias into
+    the logit, because validators round at 0.5). Written atomically like any
+    engine, so the watcher sees it whole or not at all.
+
+    Raises:
+        EngineError: `base` is not an engine, the head does not fit its members,
+            a metric is not a finite number, or `target` exists.
+    """
+    manifest = read_manifest(base)
+    if head.feature_dims != manifest.feature_dims:
+        raise EngineError(
+            f"{target.name}: head takes features {list(head.feature_dims)}, "
+            f"{base.name}'s backbone gives {list(manifest.feature_dims)}"
+        )
+    metrics = {k: float(v) for k, v in (holdout_metrics or {}).items()}
+    if not all(math.isfinite(v) for v in metrics.values()):
+        raise EngineError(f"{target.name}: holdout metrics must be finite numbers, got {metrics}")
+    parts: dict[str, Path | bytes | SharedPart] = {
+        name: SharedPart(base / name, digest) for name, digest in manifest.parts.items() if name != HEAD
+    }
+    parts[HEAD] = _tensor_bytes(head.state_dict())
+    new = replace(
+        manifest,
+        name=target.name,
+        version=version,
+        created=created or utc_now(),
+        threshold=0.5,
+        train_run_id=train_run_id,
+        holdout_metrics=metrics,
+    )
+    return write_engine_dir(target, new, parts)

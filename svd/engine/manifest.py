@@ -31,6 +31,9 @@ BACKBONE_PLAN = "backbone.plan"  # TensorRT plan of backbone.onnx (svd.plan), GP
 BACKBONE_WEIGHTS = "backbone.safetensors"  # torch reference backend
 BACKBONE_CONFIG = "backbone_config.json"  # torch reference backend
 HEAD = "head.safetensors"
+# The backbone graph's tensors (ONNX export, ONNX Runtime, TensorRT plans): uint8 images in, float32 features out.
+INPUT_NAME = "images"
+OUTPUT_NAME = "features"
 REQUIRED_PARTS = (BACKBONE_ONNX, HEAD)
 TEMP_PREFIX = "."
 _HASH_CHUNK = 1 << 20
@@ -61,6 +64,15 @@ class Member:
     backbone_id: str
     family: str
     feature_dim: int
+
+
+@dataclass(frozen=True, slots=True)
+class EngineIdentity:
+    """Which engine answered: what a kept sample records, and what tells training which backbone made its features."""
+
+    name: str
+    version: str
+    backbone_sha256: str
 
 
 @dataclass(frozen=True)
@@ -127,6 +139,10 @@ class Manifest:
         if not isinstance(data, dict):
             raise EngineError(f"{source}: top level must be an object")
         return _manifest_from_dict(data, source)
+
+    @property
+    def identity(self) -> EngineIdentity:
+        return EngineIdentity(self.name, self.version, self.backbone_sha256)
 
     @property
     def feature_dims(self) -> tuple[int, ...]:
@@ -319,12 +335,23 @@ def utc_now() -> datetime:
     return datetime.now(UTC)
 
 
-def write_engine_dir(target: Path, manifest: Manifest, parts: Mapping[str, Path | bytes]) -> Manifest:
+@dataclass(frozen=True)
+class SharedPart:
+    """A part of another engine reused as is: hard-linked where the file system allows
+    (engine files are never written after the rename), else copied; `sha256` is the
+    source manifest's, not recomputed (hot swap verifies every hash before loading)."""
+
+    path: Path
+    sha256: str
+
+
+def write_engine_dir(target: Path, manifest: Manifest, parts: Mapping[str, Path | bytes | SharedPart]) -> Manifest:
     """Writes an engine directory atomically and returns the manifest as written.
 
-    The parts (bytes, or files to copy) and a manifest carrying their hashes
-    are written into a dot-named temporary directory beside `target`, synced,
-    then renamed to `target`. On any failure the temporary directory is removed.
+    The parts (bytes, files to copy, or another engine's parts to share) and a
+    manifest carrying their hashes are written into a dot-named temporary
+    directory beside `target`, synced, then renamed to `target`. On any
+    failure the temporary directory is removed.
 
     Raises:
         EngineError: if `target` exists or a part name is not a plain file name.
@@ -348,7 +375,15 @@ def write_engine_dir(target: Path, manifest: Manifest, parts: Mapping[str, Path 
     return written
 
 
-def _write_part(path: Path, content: Path | bytes) -> str:
+def _write_part(path: Path, content: Path | bytes | SharedPart) -> str:
+    if isinstance(content, SharedPart):
+        try:
+            os.link(content.path, path)
+        except OSError:  # another file system, or links not allowed: a copy
+            shutil.copyfile(content.path, path)
+            with path.open("rb") as f:
+                os.fsync(f.fileno())
+        return content.sha256
     if isinstance(content, bytes):
         _write_synced(path, content)
     else:

@@ -26,7 +26,6 @@ was built with (plans are not portable), see plan_usable().
 
 from __future__ import annotations
 
-import io
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -36,27 +35,18 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import structlog
 
-from svd.engine.manifest import SERVED_INPUT, EngineError
+from svd.engine.backends import tensorrt as trt_backend
+from svd.engine.manifest import INPUT_NAME, SERVED_INPUT, EngineError
+from svd.engine.parity import check_plan_parity, gate_plan_parity, parity_batches
 
 if TYPE_CHECKING:
     import onnx
 
 log = structlog.get_logger(__name__)
 
-INPUT_NAME = "images"
-OUTPUT_NAME = "features"
 PRECISIONS = ("bf16-linear", "tf32")
-PLAN_MIN_COSINE = 0.999  # the same bar build.py sets for ONNX Runtime
-# Cosine after subtracting the mean feature over the canaries: the part of the
-# features that tells images apart. A near-constant output scores ~0 here while
-# its raw cosine can still pass 0.999. Lower than the raw bar because centring
-# removes the shared component that inflates raw cosine.
-PLAN_MIN_CENTRED_COSINE = 0.99
 MIN_BATCH = 1
 DEFAULT_OPT_BATCH = 16
-PARITY_SEED = 1234
-# Canary image kinds, cycled through a batch; a batch of 1 is a street scene.
-CANARY_KINDS = ("scene", "noise", "gradient", "checkerboard", "blocks")
 # ONNX TensorProto element types (onnx.TensorProto.FLOAT, BFLOAT16, UINT8) without importing onnx here.
 ONNX_FLOAT, ONNX_UINT8, ONNX_BFLOAT16 = 1, 2, 16
 # Ops whose second input, when a weight initializer, makes them a linear layer.
@@ -64,69 +54,8 @@ LINEAR_OPS = ("MatMul", "Gemm")
 
 
 def plan_supported() -> bool:
-    """True when TensorRT imports and torch sees a CUDA device."""
-    return unavailable_reason() is None
-
-
-def unavailable_reason() -> str | None:
-    """Why plans cannot be built or served on this machine, or None when they can."""
-    try:
-        import tensorrt  # noqa: F401
-    except (ImportError, OSError) as exc:  # OSError: the wheel is there, its CUDA libraries are not
-        return f"TensorRT is not installed ({exc}); pip install 'svd[gpu]'"
-    import torch
-
-    if not torch.cuda.is_available():
-        return "torch sees no CUDA device"
-    return None
-
-
-def device_facts(device: int = 0) -> dict[str, str]:
-    """This machine's GPU name, architecture ("sm_90") and TensorRT version.
-
-    Raises:
-        EngineError: TensorRT or CUDA is absent.
-    """
-    reason = unavailable_reason()
-    if reason is not None:
-        raise EngineError(reason)
-    import tensorrt as trt
-    import torch
-
-    major, minor = torch.cuda.get_device_capability(device)
-    return {"gpu": torch.cuda.get_device_name(device), "arch": f"sm_{major}{minor}", "tensorrt": trt.__version__}
-
-
-def plan_usable(
-    plan_facts: Mapping[str, Any] | None, here: Mapping[str, str] | None = None, *, device: int = 0
-) -> str | None:
-    """None when a plan with these manifest facts can run here, else the reason it cannot.
-
-    Args:
-        plan_facts: the manifest's `plan` object.
-        here: this machine's facts (device_facts()); looked up for `device` when omitted.
-        device: the CUDA device the plan would run on.
-    """
-    if not plan_facts:
-        return "the manifest records no plan facts"
-    for key in ("gpu", "arch", "tensorrt"):
-        if not isinstance(plan_facts.get(key), str):
-            return f"the manifest's plan facts lack {key!r}"
-    if here is None:
-        reason = unavailable_reason()
-        if reason is not None:
-            return reason
-        here = device_facts(device)
-    if plan_facts["arch"] != here["arch"]:
-        return f"plan built for {plan_facts['arch']}, this GPU is {here['arch']} ({here.get('gpu', '?')})"
-    # Kernels are tuned for the exact GPU model: an H100 PCIe plan on an H100 SXM may load and run slower
-    # or, across SKUs with other SM counts or memory, fail; the plan is rebuilt instead.
-    if plan_facts["gpu"] != here.get("gpu"):
-        return f"plan built on GPU model {plan_facts['gpu']!r}, this GPU is {here.get('gpu', '?')!r}"
-    # Plans are tied to the exact TensorRT build, patch level included.
-    if plan_facts["tensorrt"] != here["tensorrt"]:
-        return f"plan built with TensorRT {plan_facts['tensorrt']}, this machine has {here['tensorrt']}"
-    return None
+    """True when plans can be built here: TensorRT imports and torch sees a CUDA device."""
+    return trt_backend.unavailable_reason() is None
 
 
 # --- the graph TensorRT is given -----------------------------------------------------------------
@@ -295,138 +224,6 @@ def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
     return types
 
 
-# --- parity --------------------------------------------------------------------------------------
-
-
-def canary_images(batch_size: int, seed: int = PARITY_SEED) -> np.ndarray:
-    """Seeded uint8 (N, 224, 224, 3) images cycling through CANARY_KINDS.
-
-    Structured images (decoded synthetic street scenes, gradients,
-    checkerboards, colour blocks) beside uniform noise: noise alone drives a
-    ViT into one corner of its feature space, where a broken plan can agree.
-    """
-    rng = np.random.default_rng(seed + batch_size)
-    h, w, c = SERVED_INPUT.height, SERVED_INPUT.width, SERVED_INPUT.channels
-    kinds = [CANARY_KINDS[i % len(CANARY_KINDS)] for i in range(batch_size)]
-    scenes = iter(_decoded_scenes(kinds.count("scene"), seed + batch_size))
-    out = np.empty((batch_size, h, w, c), dtype=np.uint8)
-    yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
-    for i, kind in enumerate(kinds):
-        if kind == "scene":
-            out[i] = next(scenes)
-        elif kind == "noise":
-            out[i] = rng.integers(0, 256, (h, w, c), dtype=np.uint8)
-        elif kind == "gradient":
-            slope = rng.uniform(-255, 255, (2, c))
-            ramp = yy[..., None] * slope[0] + xx[..., None] * slope[1] + rng.uniform(0, 255, c)
-            out[i] = np.clip(ramp, 0, 255).astype(np.uint8)
-        elif kind == "checkerboard":
-            cell = int(rng.integers(4, 57))
-            dark, light = rng.integers(0, 256, (2, c))
-            board = ((np.arange(h)[:, None] // cell + np.arange(w)[None, :] // cell) % 2).astype(bool)
-            out[i] = np.where(board[..., None], light, dark).astype(np.uint8)
-        else:  # colour blocks on a k x k grid
-            k = int(rng.choice((2, 4, 7, 8, 14)))
-            blocks = rng.integers(0, 256, (k, k, c), dtype=np.uint8)
-            out[i] = np.repeat(np.repeat(blocks, -(-h // k), axis=0)[:h], -(-w // k), axis=1)[:, :w]
-    return out
-
-
-def _decoded_scenes(n: int, seed: int) -> list[np.ndarray]:
-    from PIL import Image
-
-    from svd.tools.bench import make_jpegs
-
-    scenes = []
-    for jpeg in make_jpegs(n, seed=seed):
-        with Image.open(io.BytesIO(jpeg)) as im:
-            rgb = im.convert("RGB").resize((SERVED_INPUT.width, SERVED_INPUT.height))
-        scenes.append(np.asarray(rgb, dtype=np.uint8))
-    return scenes
-
-
-def compare_features(ours: np.ndarray, ref: np.ndarray, member_dims: Sequence[int] | None = None) -> dict[str, float]:
-    """Parity figures of `ours` against `ref` (N, D), per ensemble member slice.
-
-    Args:
-        ours, ref: features of the same N images.
-        member_dims: each member's width in feature order (manifest feature_dims);
-            None treats the features as one member.
-
-    Returns:
-        feature_cosine_min (worst per-image cosine over all members),
-        feature_centred_cosine_min (the same after subtracting each side's
-        mean feature over the N images; NaN when N < 2), feature_max_abs_diff,
-        and per member k `member{k}_feature_cosine_min`,
-        `member{k}_feature_centred_cosine_min`. NaN anywhere in `ours` makes the cosines NaN.
-    """
-    if ours.shape != ref.shape or ours.ndim != 2:
-        raise EngineError(f"features shaped {ours.shape} cannot be compared with reference {ref.shape}")
-    dims = list(member_dims) if member_dims is not None else [ref.shape[1]]
-    if sum(dims) != ref.shape[1] or min(dims, default=0) <= 0:
-        raise EngineError(f"member_dims {dims} do not split features of width {ref.shape[1]}")
-    ours64, ref64 = ours.astype(np.float64), ref.astype(np.float64)
-    finite = bool(np.isfinite(ours64).all())
-    cuts = np.cumsum(dims)[:-1]
-    figures: dict[str, float] = {}
-    for k, (a, b) in enumerate(zip(np.split(ours64, cuts, axis=1), np.split(ref64, cuts, axis=1), strict=True)):
-        centred = _min_cosine(a - a.mean(axis=0), b - b.mean(axis=0)) if len(a) > 1 else float("nan")
-        figures[f"member{k}_feature_cosine_min"] = _min_cosine(a, b) if finite else float("nan")
-        figures[f"member{k}_feature_centred_cosine_min"] = centred if finite else float("nan")
-    # np.min propagates NaN (builtin min() may drop it), so one NaN member fails the gate.
-    for kind in ("cosine", "centred_cosine"):
-        figures[f"feature_{kind}_min"] = float(
-            np.min([figures[f"member{k}_feature_{kind}_min"] for k in range(len(dims))])
-        )
-    figures["feature_max_abs_diff"] = float(np.max(np.abs(ours64 - ref64)))
-    return figures
-
-
-def _min_cosine(a: np.ndarray, b: np.ndarray) -> float:
-    with np.errstate(invalid="ignore", divide="ignore"):  # a zero vector gives NaN, which fails
-        cosine = (a * b).sum(axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
-    return float(np.min(cosine))
-
-
-def parity_batches(max_batch: int) -> tuple[int, ...]:
-    """Batch 1, an odd size, and the profile max: the shapes most likely to pick different kernels."""
-    return tuple(sorted({1, min(7, max_batch), max_batch}))
-
-
-def check_plan_parity(
-    features: Callable[[np.ndarray], np.ndarray],
-    reference: Callable[[np.ndarray], np.ndarray],
-    batch_sizes: Sequence[int],
-    member_dims: Sequence[int] | None = None,
-) -> dict[str, float]:
-    """Runs the canary images through both at each batch size; figures over all canaries together.
-
-    Per-image cosine does not depend on how images were batched, so one
-    comparison over every canary gives each batch's worst figures and a
-    centring mean over more images than any one batch.
-    """
-    ours, ref = [], []
-    for n in batch_sizes:
-        images = canary_images(n)
-        ours.append(features(images))
-        ref.append(reference(images))
-    return compare_features(np.concatenate(ours), np.concatenate(ref), member_dims)
-
-
-def gate_plan_parity(figures: Mapping[str, float], precision: str) -> None:
-    """Raises EngineError naming the worst member when the raw or centred cosine misses its bar (NaN misses)."""
-    checks = (("feature_cosine_min", PLAN_MIN_COSINE), ("feature_centred_cosine_min", PLAN_MIN_CENTRED_COSINE))
-    for key, bar in checks:
-        value = figures[key]
-        if not value >= bar:  # NaN fails too
-            members = sorted(k for k in figures if k.startswith("member") and k.endswith(key))
-            worst = next((m.split("_")[0] for m in members if not figures[m] >= bar), "?")
-            raise EngineError(
-                f"TensorRT {precision} plan misses parity: {key.removesuffix('_min').replace('_', ' ')} "
-                f"min {value:.6f} (need >= {bar}) on {worst} against torch FP32 on the canary images"
-            )
-
-
 # --- build ---------------------------------------------------------------------------------------
 
 
@@ -465,7 +262,7 @@ def build_plan(
     unknown = [p for p in precisions if p not in PRECISIONS]
     if unknown or not precisions:
         raise EngineError(f"precisions {list(precisions)} must be a non-empty subset of {PRECISIONS}")
-    here = device_facts()
+    here = trt_backend.device_facts()
     profile = {"min": MIN_BATCH, "opt": max(MIN_BATCH, min(opt_batch, max_batch)), "max": max_batch}
     rejected: dict[str, str] = {}
     batches = parity_batches(profile["max"])
@@ -515,12 +312,10 @@ def _build_serialized(onnx_path: Path, precision: str, profile: Mapping[str, int
 def _trt_build(graph: bytes, onnx_path: Path, precision: str, profile: Mapping[str, int]) -> bytes:
     import tensorrt as trt
 
-    from svd.engine.backends.tensorrt import trt_logger
-
-    builder = trt.Builder(trt_logger())
+    builder = trt.Builder(trt_backend.trt_logger())
     # TensorRT 11: every network is strongly typed; the creation flag is deprecated and ignored.
     network = builder.create_network(0)
-    parser = trt.OnnxParser(network, trt_logger())
+    parser = trt.OnnxParser(network, trt_backend.trt_logger())
     # path: external weights are found by their location relative to the graph's folder.
     if not parser.parse(graph, path=str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
@@ -543,9 +338,7 @@ def _trt_build(graph: bytes, onnx_path: Path, precision: str, profile: Mapping[s
 @contextmanager
 def _loaded_plan(blob: bytes) -> Iterator[Callable[[np.ndarray], np.ndarray]]:
     """A candidate plan loaded in TensorRTBackend, as its features function; closed on exit."""
-    from svd.engine.backends.tensorrt import TensorRTBackend
-
-    backend = TensorRTBackend()
+    backend = trt_backend.TensorRTBackend()
     try:
         backend.load_plan_bytes(blob, source="candidate plan")
         yield backend.features

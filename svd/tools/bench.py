@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import io
 import json
 import time
 from collections import Counter
@@ -23,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from svd.config import Config
+from svd.engine.canary import street_jpegs
 from svd.serve import protocol
 
 
@@ -44,35 +44,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.set_defaults(func=run_bench)
 
 
-def make_jpegs(n: int, seed: int = 0) -> list[bytes]:
-    """Synthetic 224x224 street-ish scenes as JPEG (PIL's default quality 75, like validators)."""
-    from PIL import Image, ImageDraw
-
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n):
-        im = Image.new("RGB", (224, 224), tuple(int(c) for c in rng.integers(90, 200, 3)))
-        draw = ImageDraw.Draw(im)
-        draw.rectangle((0, 140, 224, 224), fill=tuple(int(c) for c in rng.integers(40, 90, 3)))  # road
-        for _ in range(int(rng.integers(3, 9))):
-            x, y = (int(v) for v in rng.integers(0, 200, 2))
-            colour = (
-                (255, int(rng.integers(80, 160)), 0)
-                if rng.random() < 0.5
-                else tuple(int(c) for c in rng.integers(0, 255, 3))
-            )
-            draw.polygon([(x, y + 30), (x + 12, y), (x + 24, y + 30)], fill=colour)  # cones and clutter
-        noise = rng.normal(0, 8, (224, 224, 3))
-        arr = np.clip(np.asarray(im, dtype=np.float64) + noise, 0, 255).astype(np.uint8)
-        buf = io.BytesIO()
-        Image.fromarray(arr).save(buf, format="JPEG")
-        out.append(buf.getvalue())
-    return out
-
-
 def load_images(folder: Path | None, n: int = 64) -> list[str]:
     """Base64 JPEGs from `folder`, or generated ones."""
-    blobs = [p.read_bytes() for p in sorted(folder.glob("*.jp*g"))] if folder else make_jpegs(n)
+    blobs = [p.read_bytes() for p in sorted(folder.glob("*.jp*g"))] if folder else street_jpegs(n)
     if not blobs:
         raise SystemExit(f"svd bench: no .jpg files in {folder}")
     return [base64.b64encode(b).decode() for b in blobs]

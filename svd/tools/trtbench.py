@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from svd.engine.canary import canary_images
 from svd.engine.manifest import BACKBONE_ONNX, BACKBONE_PLAN, read_manifest
-from svd.engine.plan import canary_images
 
 MODELS = {
     # name: (hidden, layers, heads)
@@ -111,7 +111,7 @@ def _trt_rows(engine_dir: Path, model: str, batches: Sequence[int], iters: int) 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from svd.engine.plan import unavailable_reason
+    from svd.engine.backends.tensorrt import unavailable_reason
 
     parser = argparse.ArgumentParser(prog="python -m svd.tools.trtbench", description=__doc__)
     parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=list(MODELS))

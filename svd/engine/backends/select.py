@@ -1,18 +1,22 @@
-"""Picks the backbone runtime: TensorRT -> ONNX Runtime -> torch.
+"""Picks and opens the backbone runtime: TensorRT -> ONNX Runtime -> torch.
 
-A plan built for another GPU architecture or TensorRT version is not an
-error: the engine's backbone.onnx serves instead, with a `plan_unusable`
-warning, and the reason travels back to callers in Choice.skipped.
+The one place that decides whether an engine's TensorRT plan serves. A plan
+built for another GPU model or architecture or TensorRT version, or one
+TensorRT refuses to deserialize, is not an error under "auto": the engine's
+backbone.onnx serves instead, with a `plan_unusable` warning, and the reason
+travels back to callers (Choice.plan_unusable, then `svd status`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import structlog
 
 from svd.engine.backends.base import Backend
+from svd.engine.backends.tensorrt import plan_usable
 from svd.engine.manifest import BACKBONE_CONFIG, BACKBONE_ONNX, BACKBONE_PLAN, BACKBONE_WEIGHTS, EngineError, Manifest
 
 log = structlog.get_logger(__name__)
@@ -74,8 +78,6 @@ def _plan_reason(manifest: Manifest | None) -> str | None:
     # Only an engine that carries a plan is checked; no plan is an ordinary skip.
     if manifest is None or BACKBONE_PLAN not in manifest.parts:
         return None
-    from svd.engine.plan import plan_usable
-
     reason = plan_usable(manifest.plan)
     if reason is not None:
         log.warning("plan_unusable", engine=manifest.name, reason=reason)
@@ -120,3 +122,31 @@ def choose_backend(preference: str = "auto", threads: int = 0, *, manifest: Mani
 def select_backend(preference: str = "auto", threads: int = 0, *, manifest: Manifest | None = None) -> Backend:
     """choose_backend() without the skip reasons; see there."""
     return choose_backend(preference, threads, manifest=manifest).backend
+
+
+def open_backend(
+    engine_dir: Path, manifest: Manifest, preference: str = "auto", threads: int = 0
+) -> tuple[Backend, str | None]:
+    """The chosen backend, loaded with the engine's backbone, and why its plan does not serve (or None).
+
+    Under "auto", a plan whose facts match this machine can still fail to
+    deserialize (another driver, another GPU of the same architecture): the
+    engine's backbone.onnx then serves, with a warning, rather than the
+    engine being refused. A broken ONNX graph is refused: it is the engine's.
+
+    Raises:
+        EngineError: no backend can load this engine.
+    """
+    choice = choose_backend(preference, threads, manifest=manifest)
+    try:
+        choice.backend.load(engine_dir, manifest)
+    except EngineError as exc:
+        if preference != "auto" or choice.backend.name != "tensorrt":
+            raise
+        choice.backend.close()
+        reason = f"plan failed to load: {exc}"
+        log.warning("plan_unusable", engine=manifest.name, reason=reason)
+        fallback = choose_backend("onnx", threads, manifest=manifest).backend
+        fallback.load(engine_dir, manifest)
+        return fallback, reason
+    return choice.backend, choice.plan_unusable

@@ -8,11 +8,15 @@ known source of invalid-handle errors and wrong outputs (design.md).
 One execution context, one optimization profile (dynamic batch). Device and
 pinned host buffers are sized for the profile's max batch once at load, so a
 batch costs two copies and one enqueue; larger batches are split.
+
+Also here: the run-time facts of this machine (GPU model, architecture,
+TensorRT version) and plan_usable(), the one test of whether an engine's
+plan can serve here; plans are built in svd.engine.plan.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -21,12 +25,72 @@ import numpy as np
 import structlog
 
 from svd.engine.backends.base import blank_images, require_part
-from svd.engine.manifest import BACKBONE_PLAN, SERVED_INPUT, EngineError, Manifest
-from svd.engine.plan import INPUT_NAME, OUTPUT_NAME, plan_usable
+from svd.engine.manifest import BACKBONE_PLAN, INPUT_NAME, OUTPUT_NAME, SERVED_INPUT, EngineError, Manifest
 
 log = structlog.get_logger(__name__)
 
 HWC = (SERVED_INPUT.height, SERVED_INPUT.width, SERVED_INPUT.channels)
+
+
+def unavailable_reason() -> str | None:
+    """Why plans cannot be built or served on this machine, or None when they can."""
+    try:
+        import tensorrt  # noqa: F401
+    except (ImportError, OSError) as exc:  # OSError: the wheel is there, its CUDA libraries are not
+        return f"TensorRT is not installed ({exc}); pip install 'svd[gpu]'"
+    import torch
+
+    if not torch.cuda.is_available():
+        return "torch sees no CUDA device"
+    return None
+
+
+def device_facts(device: int = 0) -> dict[str, str]:
+    """This machine's GPU name, architecture ("sm_90") and TensorRT version.
+
+    Raises:
+        EngineError: TensorRT or CUDA is absent.
+    """
+    reason = unavailable_reason()
+    if reason is not None:
+        raise EngineError(reason)
+    import tensorrt as trt
+    import torch
+
+    major, minor = torch.cuda.get_device_capability(device)
+    return {"gpu": torch.cuda.get_device_name(device), "arch": f"sm_{major}{minor}", "tensorrt": trt.__version__}
+
+
+def plan_usable(
+    plan_facts: Mapping[str, Any] | None, here: Mapping[str, str] | None = None, *, device: int = 0
+) -> str | None:
+    """None when a plan with these manifest facts can run here, else the reason it cannot.
+
+    Args:
+        plan_facts: the manifest's `plan` object.
+        here: this machine's facts (device_facts()); looked up for `device` when omitted.
+        device: the CUDA device the plan would run on.
+    """
+    if not plan_facts:
+        return "the manifest records no plan facts"
+    for key in ("gpu", "arch", "tensorrt"):
+        if not isinstance(plan_facts.get(key), str):
+            return f"the manifest's plan facts lack {key!r}"
+    if here is None:
+        reason = unavailable_reason()
+        if reason is not None:
+            return reason
+        here = device_facts(device)
+    if plan_facts["arch"] != here["arch"]:
+        return f"plan built for {plan_facts['arch']}, this GPU is {here['arch']} ({here.get('gpu', '?')})"
+    # Kernels are tuned for the exact GPU model: an H100 PCIe plan on an H100 SXM may load and run slower
+    # or, across SKUs with other SM counts or memory, fail; the plan is rebuilt instead.
+    if plan_facts["gpu"] != here.get("gpu"):
+        return f"plan built on GPU model {plan_facts['gpu']!r}, this GPU is {here.get('gpu', '?')!r}"
+    # Plans are tied to the exact TensorRT build, patch level included.
+    if plan_facts["tensorrt"] != here["tensorrt"]:
+        return f"plan built with TensorRT {plan_facts['tensorrt']}, this machine has {here['tensorrt']}"
+    return None
 
 
 @lru_cache(maxsize=1)
@@ -60,10 +124,8 @@ class TensorRTBackend:
         self._state: dict[str, Any] | None = None
 
     def load(self, engine_dir: Path, manifest: Manifest) -> None:
+        # Whether the plan's facts fit this machine was decided before (select.choose_backend).
         path = require_part(engine_dir, manifest, BACKBONE_PLAN, self.name)
-        reason = plan_usable(manifest.plan, device=self.device)
-        if reason is not None:
-            raise EngineError(f"{path}: {reason}")
         self.load_plan_bytes(path.read_bytes(), source=str(path), feature_dim=manifest.feature_dim)
         log.info("tensorrt_backend_loaded", path=str(path), max_batch=self.max_batch, **_facts(manifest.plan))
 

@@ -21,8 +21,9 @@ import torch
 from safetensors.torch import load_file
 
 from svd.engine.backends.base import blank_images, require_part
+from svd.engine.head import numpy_to_tensor
 from svd.engine.manifest import BACKBONE_CONFIG, BACKBONE_WEIGHTS, EngineError, Manifest
-from svd.engine.model import DINOV3, EnsembleBackbone, config_from_dict, member_from_config, numpy_to_tensor
+from svd.engine.model import DINOV3, EnsembleBackbone, config_from_dict, member_from_config
 
 log = structlog.get_logger(__name__)
 
