@@ -1,9 +1,11 @@
 """Daemon: the process's life cycle, one method per phase.
 
 run() -> serve() -> startup() / main_loop() / shutdown(). Startup order:
-state dir -> hotkey -> samples db -> engine (built on first start) -> batcher
--> samples writer -> control socket -> listener -> engine watcher -> READY=1.
-Shutdown undoes it in reverse, bounded; queued samples are written before exit.
+state dir -> hotkey -> samples db -> engine worker and engine (built on first
+start; loaded, warmed and checked as a hot swap would) -> batcher -> samples
+writer -> control socket -> listener -> engine watcher -> READY=1. Shutdown
+stops background jobs on the engine worker first, then undoes the rest in
+reverse, bounded; queued samples are written before exit.
 """
 
 from __future__ import annotations
@@ -27,11 +29,13 @@ from svd import __version__
 from svd.config import Config
 from svd.control import ControlServer
 from svd.engine.hotswap import EngineWatcher, HotSwap
-from svd.engine.load import Engine, load_engine, newest_engine
+from svd.engine.load import newest_engine
+from svd.engine.serving import ServingEngine, prepare_engine
+from svd.engine.worker import EngineWorker
 from svd.errors import ShuttingDown
 from svd.notify import Notifier
 from svd.samples.db import DatabaseError
-from svd.samples.log import UncertainLog
+from svd.samples.log import SampleLog
 from svd.serve.auth import Authenticator, TrustRules
 from svd.serve.batcher import Batcher
 from svd.serve.chain import Bittensor11Source, ChainSnapshot, ChainSource, ChainSync, OfflineSource
@@ -81,14 +85,14 @@ class Daemon:
         self.should_exit = asyncio.Event()
         self.force_exit = asyncio.Event()
         # The one thread that runs the engine: it alone touches the accelerator.
-        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="svd-engine")
+        self.worker: EngineWorker | None = None
         self.decoder = ThreadPoolExecutor(max_workers=cfg.decode.threads, thread_name_prefix="svd-decode")
-        self.engine: Engine | None = None
+        self.serving: ServingEngine | None = None
         self.batcher: Batcher | None = None
         self.hotswap: HotSwap | None = None
         self._watcher: EngineWatcher | None = None
         self.frontend: Frontend | None = None
-        self.samples: UncertainLog | None = None
+        self.samples: SampleLog | None = None
         self._runner: web.AppRunner | None = None
         self._control: ControlServer | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -119,20 +123,22 @@ class Daemon:
         self._hotkey = hotkey.ss58_address
         await self._open_samples()
         await self._start_chain(hotkey)
-        self.engine = await self._in_worker(self._load_engine)
+        self.worker = worker = EngineWorker(step_timeout_s=cfg.batcher.step_timeout_s)
+        # Finding (or building) the engine runs on the engine thread too: a demo build on a GPU box builds a plan.
+        path = await worker.run(self._engine_path)
+        self.serving = ServingEngine(await prepare_engine(worker, path, cfg.engine))
         self.batcher = Batcher(
-            self.engine,
-            self.worker,
+            self.serving,
+            worker,
             max_batch=cfg.batcher.max_batch,
             max_queue=cfg.batcher.max_queue,
             max_wait_s=cfg.batcher.max_wait_ms / 1000,
-            step_timeout_s=cfg.batcher.step_timeout_s,
             stats=self.stats,
         )
         self.spawn("batcher", self.batcher.run())
         if self.samples is not None:
             self.spawn("samples_writer", self.samples.run(), fatal=False)
-        self.hotswap = HotSwap(self.engine, self.batcher, self.worker, cfg.engine, cfg.engines_dir, self._swapped)
+        self.hotswap = HotSwap(self.serving, worker, cfg.engine, cfg.engines_dir)
         commands = {"status": lambda _: self.snapshot().to_dict(), **self.hotswap.commands()}
         self._control = ControlServer(cfg.socket_path, commands)
         await self._control.start()
@@ -144,7 +150,7 @@ class Daemon:
         self.state = "serving"
         self.started.set()
         self.notifier.ready()
-        log.info("serving", port=self.port, hotkey=self._hotkey, engine=self.engine.name, pid=os.getpid())
+        log.info("serving", port=self.port, hotkey=self._hotkey, engine=self.serving.engine.name, pid=os.getpid())
 
     async def main_loop(self) -> None:
         await self.should_exit.wait()
@@ -153,6 +159,9 @@ class Daemon:
         self.state = "stopping"
         self.notifier.stopping()
         log.info("stopping", in_flight=self.batcher.in_flight if self.batcher else 0)
+        if self.worker is not None:
+            # First, so draining requests never waits behind a training slice.
+            self.worker.cancel_background()
         if self._runner is not None:
             # Stops listening and closes idle keep-alive connections, then waits
             # up to the grace period for requests already received: those are served.
@@ -182,9 +191,10 @@ class Daemon:
                 loop.remove_signal_handler(sig)
         if self._control is not None:
             await _bounded(self._control.close(), "control socket")
-        if self.engine is not None:
-            await _bounded(self._in_worker(self.engine.close), "engine")
-        self.worker.shutdown(wait=False, cancel_futures=True)
+        if self.worker is not None:
+            if self.serving is not None:
+                await _bounded(self.worker.run(self.serving.engine.close), "engine")
+            await _bounded(self.worker.close(), "engine worker")
         self.decoder.shutdown(wait=False, cancel_futures=True)
         if self._lock is not None:
             self._lock.close()  # releases the flock
@@ -209,9 +219,6 @@ class Daemon:
         task.add_done_callback(self._on_task_done if fatal else self._on_optional_task_done)
         return task
 
-    def _swapped(self, engine: Engine) -> None:
-        self.engine = engine  # shutdown closes whichever engine serves last
-
     def _on_task_done(self, task: asyncio.Task[None]) -> None:
         error = self._ended_unexpectedly(task)
         if error is not None:
@@ -235,8 +242,8 @@ class Daemon:
         return repr(error) if error is not None else "returned"
 
     def snapshot(self) -> StatusSnapshot:
-        s, b, h = self.stats, self.batcher, self.hotswap
-        errored = self.errored or (b.errored if b else None)
+        s, b, h, w = self.stats, self.batcher, self.hotswap, self.worker
+        errored = self.errored or (b.errored if b else None) or (w.errored if w else None)
         return StatusSnapshot(
             version=__version__,
             pid=os.getpid(),
@@ -277,14 +284,6 @@ class Daemon:
             "own": dataclasses.asdict(own) if own else None,
         }
 
-    def _load_engine(self) -> Engine:
-        """Runs on the worker thread: find or build the engine, load it, warm it up."""
-        cfg = self.cfg
-        path = self._engine_path()
-        engine = load_engine(path, backend=cfg.engine.backend, threads=cfg.engine.threads)
-        engine.warmup(cfg.engine.warmup_batch_sizes)
-        return engine
-
     def _engine_path(self) -> Path:
         engines = self.cfg.engines_dir
         if self.cfg.engine.name:
@@ -305,7 +304,7 @@ class Daemon:
     async def _open_samples(self) -> None:
         if not self.cfg.samples.enabled:
             return
-        samples = UncertainLog(self.cfg.samples, self.cfg.samples_db)
+        samples = SampleLog(self.cfg.samples, self.cfg.samples_db)
         try:
             await samples.open()
         except DatabaseError as e:
@@ -335,7 +334,7 @@ class Daemon:
         self.spawn("chain", self.chain.run())
 
     async def _start_listener(self, hotkey: str) -> None:
-        assert self.engine is not None and self.batcher is not None
+        assert self.batcher is not None
         cfg = self.cfg
         a = cfg.auth
         rules = TrustRules(a.require_registered, a.require_validator_permit, a.min_stake, a.rate_per_s, a.rate_burst)
@@ -368,16 +367,15 @@ class Daemon:
 
     async def _health_loop(self) -> None:
         """Ping systemd's watchdog only while the loop and the engine worker both answer."""
+        assert self.worker is not None
+        worker = self.worker
         interval = min(self.notifier.watchdog_interval_s or HEALTH_INTERVAL_S, HEALTH_INTERVAL_S)
         budget = self.cfg.batcher.step_timeout_s + interval
         while True:
-            try:
-                await asyncio.wait_for(self._in_worker(lambda: None), budget)
-            except TimeoutError:
+            if not await worker.ping(budget):
                 log.error("engine_worker_unresponsive", waited_s=budget)
-            else:
-                if not (self.batcher and self.batcher.errored):
-                    self.notifier.watchdog()
+            elif not (worker.errored or (self.batcher and self.batcher.errored)):
+                self.notifier.watchdog()
             await asyncio.sleep(interval)
 
     def _install_signal_handlers(self) -> None:
@@ -390,9 +388,6 @@ class Daemon:
             self.force_exit.set()  # a second signal: stop waiting for in-flight requests
         log.info("signal_received", signal=sig.name)
         self.should_exit.set()
-
-    async def _in_worker(self, fn: Any, *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self.worker, fn, *args)
 
 
 async def _bounded(step: Awaitable[Any], what: str, stragglers: int = 0, timeout_s: float = SHUTDOWN_STEP_S) -> None:

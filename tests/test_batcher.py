@@ -1,10 +1,11 @@
 import asyncio
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
 
+from svd.engine.worker import EngineWorker
 from svd.errors import EngineDead, EngineFailure, Overloaded, RequestTimeout, ShuttingDown
 from svd.serve.batcher import Batcher, Item, collect_batch
 from tests.helpers import FakeEngine
@@ -18,11 +19,16 @@ def image(marker: int) -> np.ndarray:
     return a
 
 
+@dataclass
+class Holder:
+    engine: FakeEngine
+
+
 @pytest.fixture
-async def worker() -> AsyncIterator[ThreadPoolExecutor]:
-    pool = ThreadPoolExecutor(max_workers=1)
-    yield pool
-    pool.shutdown(wait=True)
+async def worker() -> AsyncIterator[EngineWorker]:
+    w = EngineWorker(step_timeout_s=10.0)
+    yield w
+    await w.close()
 
 
 async def started(batcher: Batcher) -> asyncio.Task[None]:
@@ -38,11 +44,9 @@ async def stop(task: asyncio.Task[None]) -> None:
 
 
 @pytest.mark.parametrize(("max_wait_s", "waits"), [(0.0, False), (30.0, True)])
-async def test_idle_worker_takes_a_single_request_at_once(
-    worker: ThreadPoolExecutor, max_wait_s: float, waits: bool
-) -> None:
+async def test_idle_worker_takes_a_single_request_at_once(worker: EngineWorker, max_wait_s: float, waits: bool) -> None:
     engine = FakeEngine()
-    b = Batcher(engine, worker, max_batch=16, max_queue=64, max_wait_s=max_wait_s)
+    b = Batcher(Holder(engine), worker, max_batch=16, max_queue=64, max_wait_s=max_wait_s)
     task = await started(b)
     future = b.submit(image(51), stake=1.0, deadline=FAR)
     # Not a timing test: with max_wait 30 s no answer can come in 0.5 s; without it one must in 5 s.
@@ -52,14 +56,14 @@ async def test_idle_worker_takes_a_single_request_at_once(
         await stop(task)
         return
     pred = future.result()
-    assert pred.prob == pytest.approx(0.2) and pred.batch_size == 1 and pred.engine == "fake"
+    assert pred.prob == pytest.approx(0.2) and pred.batch_size == 1 and pred.engine.name == "fake"
     assert engine.batches == [1]
     await stop(task)
 
 
-async def test_requests_pile_up_while_busy_and_form_the_next_batch(worker: ThreadPoolExecutor) -> None:
+async def test_requests_pile_up_while_busy_and_form_the_next_batch(worker: EngineWorker) -> None:
     engine = FakeEngine(latency_s=0.05)
-    b = Batcher(engine, worker, max_batch=4, max_queue=64)
+    b = Batcher(Holder(engine), worker, max_batch=4, max_queue=64)
     task = await started(b)
     first = b.submit(image(1), 1.0, FAR)
     await asyncio.sleep(0.01)  # the first batch is on the worker now
@@ -71,9 +75,9 @@ async def test_requests_pile_up_while_busy_and_form_the_next_batch(worker: Threa
     await stop(task)
 
 
-async def test_higher_stake_is_served_first(worker: ThreadPoolExecutor) -> None:
+async def test_higher_stake_is_served_first(worker: EngineWorker) -> None:
     engine = FakeEngine(latency_s=0.03)
-    b = Batcher(engine, worker, max_batch=1, max_queue=64)
+    b = Batcher(Holder(engine), worker, max_batch=1, max_queue=64)
     task = await started(b)
     order: list[int] = []
     busy = b.submit(image(0), 1.0, FAR)
@@ -86,9 +90,9 @@ async def test_higher_stake_is_served_first(worker: ThreadPoolExecutor) -> None:
     await stop(task)
 
 
-async def test_request_that_cannot_make_its_deadline_fails_before_the_engine(worker: ThreadPoolExecutor) -> None:
+async def test_request_that_cannot_make_its_deadline_fails_before_the_engine(worker: EngineWorker) -> None:
     engine = FakeEngine(latency_s=0.05)
-    b = Batcher(engine, worker, max_batch=8, max_queue=64)
+    b = Batcher(Holder(engine), worker, max_batch=8, max_queue=64)
     task = await started(b)
     loop = asyncio.get_running_loop()
     busy = b.submit(image(0), 1.0, FAR)
@@ -101,9 +105,9 @@ async def test_request_that_cannot_make_its_deadline_fails_before_the_engine(wor
     await stop(task)
 
 
-async def test_full_queue_sheds_the_least_valuable(worker: ThreadPoolExecutor) -> None:
+async def test_full_queue_sheds_the_least_valuable(worker: EngineWorker) -> None:
     engine = FakeEngine(latency_s=0.05)
-    b = Batcher(engine, worker, max_batch=1, max_queue=2)
+    b = Batcher(Holder(engine), worker, max_batch=1, max_queue=2)
     task = await started(b)
     busy = b.submit(image(0), 1.0, FAR)
     await asyncio.sleep(0.01)
@@ -128,9 +132,9 @@ async def test_full_queue_sheds_the_least_valuable(worker: ThreadPoolExecutor) -
     ],
 )
 async def test_engine_failure_fails_the_batch_and_serving_goes_on(
-    worker: ThreadPoolExecutor, engine: FakeEngine, reason: str
+    worker: EngineWorker, engine: FakeEngine, reason: str
 ) -> None:
-    b = Batcher(engine, worker, max_batch=4, max_queue=64)
+    b = Batcher(Holder(engine), worker, max_batch=4, max_queue=64)
     task = await started(b)
     futures = [b.submit(image(i), 1.0, FAR) for i in range(3)]
     results = await asyncio.gather(*futures, return_exceptions=True)
@@ -141,18 +145,20 @@ async def test_engine_failure_fails_the_batch_and_serving_goes_on(
     await stop(task)
 
 
-async def test_wedged_engine_call_times_out_and_marks_errored(worker: ThreadPoolExecutor) -> None:
-    b = Batcher(FakeEngine(latency_s=0.3), worker, max_batch=4, max_queue=64, step_timeout_s=0.05)
+async def test_wedged_engine_call_times_out_and_marks_errored() -> None:
+    worker = EngineWorker(step_timeout_s=0.05)
+    b = Batcher(Holder(FakeEngine(latency_s=0.3)), worker, max_batch=4, max_queue=64)
     task = await started(b)
     with pytest.raises(EngineFailure, match="timed out"):
         await b.submit(image(1), 1.0, FAR)
-    assert b.errored is not None and "exceeded" in b.errored
+    assert worker.errored is not None and "exceeded" in worker.errored
     await stop(task)
+    await worker.close()
 
 
-async def test_cancelled_request_is_skipped(worker: ThreadPoolExecutor) -> None:
+async def test_cancelled_request_is_skipped(worker: EngineWorker) -> None:
     engine = FakeEngine(latency_s=0.03)
-    b = Batcher(engine, worker, max_batch=8, max_queue=64)
+    b = Batcher(Holder(engine), worker, max_batch=8, max_queue=64)
     task = await started(b)
     busy = b.submit(image(0), 1.0, FAR)
     await asyncio.sleep(0.005)
@@ -164,8 +170,8 @@ async def test_cancelled_request_is_skipped(worker: ThreadPoolExecutor) -> None:
     await stop(task)
 
 
-async def test_close_refuses_new_work_but_serves_the_queue(worker: ThreadPoolExecutor) -> None:
-    b = Batcher(FakeEngine(latency_s=0.02), worker, max_batch=1, max_queue=64)
+async def test_close_refuses_new_work_but_serves_the_queue(worker: EngineWorker) -> None:
+    b = Batcher(Holder(FakeEngine(latency_s=0.02)), worker, max_batch=1, max_queue=64)
     task = await started(b)
     queued = [b.submit(image(i), 1.0, FAR) for i in range(3)]
     b.close()
@@ -175,8 +181,8 @@ async def test_close_refuses_new_work_but_serves_the_queue(worker: ThreadPoolExe
     await stop(task)
 
 
-async def test_loop_death_fails_everything_pending(worker: ThreadPoolExecutor) -> None:
-    b = Batcher(FakeEngine(latency_s=0.05), worker, max_batch=1, max_queue=64)
+async def test_loop_death_fails_everything_pending(worker: EngineWorker) -> None:
+    b = Batcher(Holder(FakeEngine(latency_s=0.05)), worker, max_batch=1, max_queue=64)
     task = await started(b)
     busy = b.submit(image(0), 1.0, FAR)
     await asyncio.sleep(0.01)
@@ -206,8 +212,8 @@ def test_collect_batch_with_a_fake_clock() -> None:
         loop.close()
 
 
-async def test_a_pessimistic_batch_estimate_cannot_turn_everything_away(worker: ThreadPoolExecutor) -> None:
-    b = Batcher(FakeEngine(), worker, max_batch=4, max_queue=64)
+async def test_a_pessimistic_batch_estimate_cannot_turn_everything_away(worker: EngineWorker) -> None:
+    b = Batcher(Holder(FakeEngine()), worker, max_batch=4, max_queue=64)
     task = await started(b)
     loop = asyncio.get_running_loop()
     b.batch_s = 100.0  # learnt during a slow spell
@@ -223,8 +229,8 @@ async def test_a_pessimistic_batch_estimate_cannot_turn_everything_away(worker: 
     await stop(task)
 
 
-async def test_abandoned_requests_do_not_count_against_the_queue_bound(worker: ThreadPoolExecutor) -> None:
-    b = Batcher(FakeEngine(latency_s=0.05), worker, max_batch=1, max_queue=3)
+async def test_abandoned_requests_do_not_count_against_the_queue_bound(worker: EngineWorker) -> None:
+    b = Batcher(Holder(FakeEngine(latency_s=0.05)), worker, max_batch=1, max_queue=3)
     task = await started(b)
     busy = b.submit(image(0), 1.0, FAR)
     await asyncio.sleep(0.01)
@@ -235,3 +241,45 @@ async def test_abandoned_requests_do_not_count_against_the_queue_bound(worker: T
     live = [b.submit(image(i), 1.0, FAR) for i in (4, 5, 6)]  # room again, nothing shed
     assert [round(p.prob * 255) for p in await asyncio.gather(busy, *live)] == [0, 4, 5, 6]
     await stop(task)
+
+
+async def test_background_slices_never_run_between_batches_while_requests_wait() -> None:
+    import threading
+    import time
+    from collections.abc import Generator
+
+    from svd.engine.worker import Progress
+
+    events: list[str] = []
+    lock = threading.Lock()
+
+    def note(event: str) -> None:
+        with lock:
+            events.append(event)
+
+    class TracedEngine(FakeEngine):
+        def infer(self, images: np.ndarray) -> object:
+            note("batch")
+            return super().infer(images)
+
+    def feature_pass() -> Generator[Progress, None, None]:
+        for i in range(400):
+            note("slice")
+            time.sleep(0.002)
+            yield Progress(i + 1, 400)
+
+    worker = EngineWorker()
+    b = Batcher(Holder(TracedEngine(latency_s=0.01)), worker, max_batch=2, max_queue=64)
+    task = await started(b)
+    job = worker.background("features", feature_pass())
+    while events.count("slice") < 5:
+        await asyncio.sleep(0.001)
+    preds = await asyncio.gather(*(b.submit(image(i), 1.0, FAR) for i in range(10)))
+    assert len(preds) == 10
+    first, last = events.index("batch"), len(events) - 1 - events[::-1].index("batch")
+    # Five batches of two, back to back: the queued requests held the idle lane between them.
+    assert events[first : last + 1] == ["batch"] * 5
+    await job.wait()  # and the job went on afterwards, to the end
+    assert events.count("slice") == 400
+    await stop(task)
+    await worker.close()

@@ -17,8 +17,9 @@ from safetensors.torch import load_file, save
 
 from svd.config import Config
 from svd.control import call
-from svd.engine.build import build_demo_engine
-from svd.engine.hotswap import canary_images
+from svd.engine.build import build_demo_engine, write_head_engine
+from svd.engine.canary import canary_images
+from svd.engine.head import Head
 from svd.engine.manifest import BACKBONE_ONNX, HEAD, MANIFEST_NAME, InputSpec, read_manifest, utc_now
 from svd.engine.model import tiny_dinov3_config
 from svd.tools.swapbench import copy_engine
@@ -92,7 +93,7 @@ async def test_newer_engine_is_swapped_in_without_failing_a_query(cfg: Config, j
         codes = [c for task in load for c in await task]
         assert codes and set(codes) == {200}
         assert engine["swaps"] == 1 and engine["pinned"] is False and engine["last_refusal"] is None
-        assert d.engine is d.batcher.engine and d.engine.name == "newer"  # type: ignore[union-attr]
+        assert d.serving is not None and d.serving.engine.name == "newer"
         assert (cfg.engines_dir / "tiny").is_dir()  # old engines stay for rollback
 
 
@@ -185,23 +186,23 @@ def test_cli_swap_without_a_daemon_says_so(cfg: Config, capsys: pytest.CaptureFi
     assert "no daemon answers" in capsys.readouterr().err
 
 
-def _shifted_head(tiny: Path) -> bytes:
+def _shifted_head(tiny: Path) -> Head:
     """The same head with another fusion bias: other probabilities, same backbone."""
     state = load_file(str(tiny / HEAD))
     state["fusion.bias"] = state["fusion.bias"] + 3.0
-    return save(state)
+    return Head.from_state(state)
 
 
 async def test_new_head_on_the_serving_backbone_reuses_it(cfg: Config, jpegs_b64: list[str]) -> None:
     tiny = cfg.engines_dir / "tiny"
     async with running_daemon(cfg) as d:
         miner = d.snapshot().hotkey
-        old = d.engine
+        old = d.serving.engine  # type: ignore[union-attr]
         assert old is not None
         before = await query(d.port, miner, jpegs_b64[0])
-        await asyncio.to_thread(copy_engine, tiny, cfg.engines_dir, "new-head", parts={HEAD: _shifted_head(tiny)})
+        await asyncio.to_thread(write_head_engine, tiny, cfg.engines_dir / "new-head", _shifted_head(tiny), version="2")
         await wait_for(cfg, lambda e: e["name"] == "new-head")
-        new = d.engine
+        new = d.serving.engine  # type: ignore[union-attr]
         assert new is not None and new is not old and new.backbone_reused
         assert new.shared_backend is old.shared_backend and not new.shared_backend.closed
         # The old engine was closed on the worker; the shared backend still serves the new one.
@@ -218,10 +219,10 @@ async def test_new_backbone_is_loaded_not_reused(cfg: Config, tiny_engine: Path,
     other = tmp_path / "other-build"
     build_demo_engine(other, "other", seed=9, config=tiny_dinov3_config(hidden_size=64, num_layers=2, num_heads=2))
     async with running_daemon(cfg) as d:
-        old = d.engine
+        old = d.serving.engine  # type: ignore[union-attr]
         await asyncio.to_thread(copy_engine, other / "other", cfg.engines_dir, "other")
         await wait_for(cfg, lambda e: e["name"] == "other")
-        new = d.engine
+        new = d.serving.engine  # type: ignore[union-attr]
         assert new is not None and old is not None
         assert not new.backbone_reused and new.shared_backend is not old.shared_backend
         assert old.shared_backend.closed
@@ -263,6 +264,9 @@ async def test_old_engines_beyond_keep_are_pruned_after_a_swap(cfg: Config) -> N
         assert sorted(p.name for p in engines.iterdir()) == ["e1", "e2", "e3", "tiny"]
         await asyncio.to_thread(copy_engine, tiny, engines, "e4")
         await wait_for(kept, lambda e: e["name"] == "e4")
-        # The serving engine and the two newest others stay; the older ones go.
-        names = sorted(p.name for p in engines.iterdir())
-        assert names == ["e2", "e3", "e4"], names
+        # The serving engine and the two newest others stay; the older ones go (pruning
+        # follows the swap, after the old engine is closed on the worker).
+        deadline = time.monotonic() + WAIT_S
+        while (names := sorted(p.name for p in engines.iterdir())) != ["e2", "e3", "e4"]:
+            assert time.monotonic() < deadline, names
+            await asyncio.sleep(0.02)

@@ -91,8 +91,8 @@ async def test_nan_engine_answers_errors_never_nan(config: Config, tmp_path: Pat
     async with running_daemon(cfg) as d:
         miner = d.snapshot().hotkey
         # A NaN engine is refused at warm-up; here one starts yielding NaN mid-service.
-        assert d.batcher is not None
-        d.batcher.engine = nan_engine
+        assert d.serving is not None
+        d.serving.replace(nan_engine).close()
         answers = await asyncio.gather(*(query(d.port, miner, j) for j in jpegs_b64[:4]))
         for status, body, _ in answers:
             assert status == 500

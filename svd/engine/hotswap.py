@@ -1,39 +1,36 @@
-"""Engine hot swap: verify, load and warm up beside the serving engine, canary, swap.
+"""Engine hot swap: which engine serves, and the swaps between engines.
 
-`HotSwap` owns which engine serves: it loads a candidate on the engine worker
-thread (so loading is serialised with inference), checks it on fixed canary
-images, then assigns `batcher.engine` on the event loop, which takes effect
-between two batches, and closes the old engine on the worker afterwards (the
-worker is FIFO, so a batch already handed to the old engine finishes first).
-`EngineWatcher` feeds it engine directories renamed into `engines/`.
+`HotSwap` decides: a candidate is readied beside the serving engine by
+serving.prepare_engine() (verify, load, warm up, canary: each step a job on
+the engine worker, so batches run between them), then ServingEngine.replace()
+on the event loop, which takes effect between two batches, and the old engine
+is closed on the worker afterwards (the inference lane is FIFO, so a batch
+already handed to the old engine finishes first). `EngineWatcher` feeds it
+engine directories renamed into `engines/`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import shutil
 import time
 from collections.abc import Callable
-from concurrent.futures import Executor
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import structlog
 from watchfiles import Change, awatch
 
 from svd.config import EngineConfig
 from svd.control import CommandError
-from svd.engine.load import SERVED_SHAPE, Engine, EngineError, list_engines, load_engine
+from svd.engine.load import Engine, EngineError, list_engines
 from svd.engine.manifest import TEMP_PREFIX, Manifest, read_manifest, verify_engine_dir
-from svd.serve.batcher import Batcher
+from svd.engine.serving import ServingEngine, prepare_engine
+from svd.engine.worker import EngineWorker
 
 log = structlog.get_logger(__name__)
-CANARY_IMAGES = 4
-CANARY_SEED = 20240601
 
 
 class SwapRefused(CommandError):
@@ -45,20 +42,6 @@ class Refusal:
     name: str
     error: str
     time: float
-
-
-def canary_images(n: int = CANARY_IMAGES) -> np.ndarray:
-    """Fixed pseudo-random images, the same in every process and run."""
-    return np.random.default_rng(CANARY_SEED).integers(0, 256, (n, *SERVED_SHAPE), dtype=np.uint8)
-
-
-def canary_check(engine: Engine) -> None:
-    """Raises EngineOutputError unless the engine gives one finite probability in [0, 1] per canary image.
-
-    Engine.infer() itself checks shapes, finiteness and range; the canary only feeds it
-    varied, fixed images (warm-up feeds blank ones).
-    """
-    engine.infer(canary_images())
 
 
 def _order(path: Path) -> tuple[datetime, str]:
@@ -74,29 +57,17 @@ class HotSwap:
     """Which engine serves, and the swaps between engines.
 
     Args:
-        engine: the engine serving now (already in the batcher).
-        batcher: its `engine` attribute is what serves.
-        worker: the engine worker thread's executor.
+        serving: the holder of the serving engine (the batcher reads the same one).
+        worker: the engine worker.
         cfg: backend, threads and warm-up sizes for loading; a set `name` pins.
         engines_dir: where engine directories live.
-        on_swap: told the new engine after each swap (the daemon keeps a reference).
     """
 
-    def __init__(
-        self,
-        engine: Engine,
-        batcher: Batcher,
-        worker: Executor,
-        cfg: EngineConfig,
-        engines_dir: Path,
-        on_swap: Callable[[Engine], None] = lambda _: None,
-    ) -> None:
-        self.serving = engine
-        self._batcher = batcher
+    def __init__(self, serving: ServingEngine, worker: EngineWorker, cfg: EngineConfig, engines_dir: Path) -> None:
+        self._holder = serving
         self._worker = worker
         self._cfg = cfg
         self._dir = engines_dir
-        self._on_swap = on_swap
         self.pinned = bool(cfg.name)
         self.swaps = 0
         self.last_refusal: Refusal | None = None
@@ -106,6 +77,10 @@ class HotSwap:
         self._refused: set[Path] = set()
         # One swap at a time, whether from the watcher or a command.
         self._lock = asyncio.Lock()
+
+    @property
+    def serving(self) -> Engine:
+        return self._holder.engine
 
     def status(self) -> dict[str, Any]:
         e, r = self.serving, self.last_refusal
@@ -202,24 +177,20 @@ class HotSwap:
         return manifest is not None and await self._swap(path, manifest, remember)
 
     async def _swap(self, path: Path, manifest: Manifest, remember: bool = True) -> bool:
-        """Load, warm up and canary on the worker, then swap. Caller holds the lock."""
-        loop = asyncio.get_running_loop()
+        """Ready the candidate beside the serving engine, then swap. Caller holds the lock."""
         try:
-            new = await self._prepare(path, manifest)
+            new = await prepare_engine(self._worker, path, self._cfg, manifest=manifest, reuse=self.serving)
         except Exception as e:  # a bad engine raises anything from ONNX Runtime, torch or safetensors
             self._refuse(path.name, e)
             return False
-        old = self.serving
-        # On the loop, between batches: the batcher reads this once per batch.
-        self._batcher.engine = new
-        self.serving = new
+        # On the loop, between batches: the batcher reads the holder once per batch.
+        old = self._holder.replace(new)
         self.swaps += 1
         if remember:
             self._served = [p for p in self._served if p != new.path] + [old.path]
         self._refused.discard(new.path)
-        self._on_swap(new)
         log.info("engine_swapped", name=new.name, version=new.version, previous=old.name, swaps=self.swaps)
-        await loop.run_in_executor(self._worker, old.close)
+        await self._worker.run(old.close)
         await asyncio.to_thread(self._prune)
         return True
 
@@ -239,32 +210,6 @@ class HotSwap:
                 continue
             self._served = [p for p in self._served if p != path]
             log.info("engine_pruned", name=path.name, keep=self._cfg.keep)
-
-    async def _prepare(self, path: Path, manifest: Manifest) -> Engine:
-        """Load, warm up and canary the new engine on the worker; closed again if any step fails.
-
-        Each step is its own job on the FIFO worker, so inference batches that
-        arrive meanwhile run between the steps: a request waits for one step at
-        most, not for the whole preparation. A new engine with the serving
-        backbone (same backbone_sha256) shares the loaded, already warm backend:
-        only its head is loaded, and only the canary runs.
-        """
-        cfg, loop = self._cfg, asyncio.get_running_loop()
-        engine = await loop.run_in_executor(
-            self._worker,
-            functools.partial(
-                load_engine, path, backend=cfg.backend, threads=cfg.threads, manifest=manifest, reuse=self.serving
-            ),
-        )
-        try:
-            if not engine.backbone_reused:
-                for batch_size in cfg.warmup_batch_sizes:
-                    await loop.run_in_executor(self._worker, engine.warmup, (batch_size,))
-            await loop.run_in_executor(self._worker, canary_check, engine)
-        except BaseException:
-            await loop.run_in_executor(self._worker, engine.close)
-            raise
-        return engine
 
     def _refuse(self, name: str, error: BaseException) -> None:
         text = str(error) or repr(error)

@@ -18,7 +18,8 @@ import torch
 from safetensors.torch import load_file
 
 from svd.engine.backends.base import Backend, blank_images
-from svd.engine.backends.select import choose_backend
+from svd.engine.backends.select import open_backend
+from svd.engine.head import Head, numpy_to_tensor
 from svd.engine.manifest import (
     BACKBONE_PLAN,
     HEAD,
@@ -30,7 +31,6 @@ from svd.engine.manifest import (
     read_manifest,
     verify_engine_dir,
 )
-from svd.engine.model import Head, numpy_to_tensor
 
 log = structlog.get_logger(__name__)
 
@@ -96,6 +96,7 @@ class Engine:
         self.manifest = manifest
         self.name = manifest.name
         self.version = manifest.version
+        self.identity = manifest.identity
         self._shared = (
             backend if isinstance(backend, SharedBackend) else SharedBackend(backend, manifest.backbone_sha256)
         )
@@ -233,7 +234,7 @@ def load_engine(
         engine = Engine(path, manifest, shared.acquire(), head)
         engine.plan_unusable = reuse.plan_unusable
         return engine
-    runtime, plan_unusable = _load_backbone(path, manifest, backend, threads)
+    runtime, plan_unusable = open_backend(path, manifest, backend, threads)
     log.info(
         "engine_loaded",
         engine=manifest.name,
@@ -245,25 +246,6 @@ def load_engine(
     engine = Engine(path, manifest, runtime, head)
     engine.plan_unusable = plan_unusable
     return engine
-
-
-def _load_backbone(path: Path, manifest: Manifest, backend: str, threads: int) -> tuple[Backend, str | None]:
-    """The chosen backend, loaded. Under "auto", a plan whose facts match this machine can still
-    fail to deserialize (another driver, another GPU model of the same arch): the engine's own
-    backbone.onnx then serves, with a warning, rather than the engine being refused."""
-    choice = choose_backend(backend, threads, manifest=manifest)
-    try:
-        choice.backend.load(path, manifest)
-    except EngineError as exc:
-        if backend != "auto" or choice.backend.name != "tensorrt":
-            raise
-        choice.backend.close()
-        reason = f"plan failed to load: {exc}"
-        log.warning("plan_unusable", engine=manifest.name, reason=reason)
-        fallback = choose_backend("onnx", threads, manifest=manifest).backend
-        fallback.load(path, manifest)
-        return fallback, reason
-    return choice.backend, choice.plan_unusable
 
 
 def list_engines(engines_dir: Path) -> list[Path]:

@@ -1,9 +1,10 @@
-"""Stake-ordered, deadline-aware dynamic batching onto the one engine worker thread.
+"""Stake-ordered, deadline-aware dynamic batching onto the engine worker's inference lane.
 
 When the worker is idle, everything queued (up to max_batch) goes at once: no
 artificial wait at low load. While it is busy, requests pile up and form the
 next batch by themselves. A request that cannot be answered before its
-deadline fails at once instead of wasting the engine.
+deadline fails at once instead of wasting the engine. While requests wait
+here, the worker's idle lane starts no background slice (set_waiting).
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import heapq
 import itertools
 import time
 from collections.abc import Callable
-from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -21,6 +21,8 @@ import numpy as np
 import structlog
 
 from svd.engine.load import EngineOutputError
+from svd.engine.manifest import EngineIdentity
+from svd.engine.worker import EngineStepTimeout, EngineWorker
 from svd.errors import EngineDead, EngineFailure, Overloaded, RequestTimeout, ShuttingDown, SvdError
 from svd.status import Stats
 
@@ -39,9 +41,17 @@ class EngineResult(Protocol):
 
 
 class InferEngine(Protocol):
-    name: str
+    @property
+    def identity(self) -> EngineIdentity: ...
 
     def infer(self, images: np.ndarray) -> EngineResult: ...
+
+
+class EngineHolder(Protocol):
+    """Where the serving engine is read, once per batch (svd.engine.serving.ServingEngine)."""
+
+    @property
+    def engine(self) -> InferEngine: ...
 
 
 @dataclass(frozen=True)
@@ -49,10 +59,8 @@ class Prediction:
     prob: float
     # This image's (D,) float32 row, its own copy: a kept sample pins this row only, not the batch or engine buffers.
     features: np.ndarray
-    engine: str
+    engine: EngineIdentity
     batch_size: int
-    engine_version: str = ""
-    backbone_sha256: str = ""
 
 
 @dataclass(order=True)
@@ -92,33 +100,30 @@ class Batcher:
     """Owns the request queue and the loop that feeds the engine worker.
 
     Args:
-        engine: the serving engine; replace the attribute to swap between batches.
-        worker: the single-thread executor that owns the accelerator.
+        serving: holds the serving engine, read once per batch (hot swap replaces it between batches).
+        worker: the engine worker; batches go to its inference lane, time-boxed by its step timeout.
         max_batch: largest batch given to the engine.
         max_queue: queued requests beyond this are shed with Overloaded (503).
         max_wait_s: extra wait for a fuller batch when idle (0: none).
-        step_timeout_s: an engine call longer than this marks the engine wedged.
         stats: counters shared with `svd status`.
     """
 
     def __init__(
         self,
-        engine: InferEngine,
-        worker: Executor,
+        serving: EngineHolder,
+        worker: EngineWorker,
         *,
         max_batch: int,
         max_queue: int,
         max_wait_s: float = 0.0,
-        step_timeout_s: float = 10.0,
         stats: Stats | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.engine = engine
+        self._serving = serving
         self._worker = worker
         self._max_batch = max_batch
         self._max_queue = max_queue
         self._max_wait_s = max_wait_s
-        self._step_timeout_s = step_timeout_s
         self.stats = stats or Stats()
         self._clock = clock
         self._queue: list[Item] = []
@@ -144,6 +149,7 @@ class Batcher:
         if len(self._queue) >= self._max_queue:
             self._shed(item)
         heapq.heappush(self._queue, item)
+        self._worker.set_waiting(True)
         self._wakeup.set()
         return item.future
 
@@ -179,6 +185,8 @@ class Batcher:
                 batch, expired = collect_batch(self._queue, self._max_batch, self._clock(), self.batch_s)
                 if not self._queue:
                     self._wakeup.clear()
+                # Hold the idle lane until this batch is on the engine's lane (see _run_batch).
+                self._worker.set_waiting(bool(self._queue) or bool(batch))
                 for item in expired:
                     _fail(item, RequestTimeout("request cannot be answered before its deadline"))
                 if expired and not batch:
@@ -193,25 +201,27 @@ class Batcher:
 
     async def _run_batch(self, batch: list[Item]) -> None:
         images = np.stack([item.image for item in batch])
-        engine = self.engine
-        loop = asyncio.get_running_loop()
+        engine = self._serving.engine
+        identity = engine.identity
         start = self._clock()
         self.in_flight = len(batch)
         try:
-            call = loop.run_in_executor(self._worker, engine.infer, images)
-            out = await asyncio.wait_for(call, self._step_timeout_s)
+            future = self._worker.submit(engine.infer, images)
+            # The batch is queued on the engine's lane now; requests left behind it keep holding
+            # the idle lane, and with none left a background slice may follow this batch.
+            self._worker.set_waiting(bool(self._queue))
+            out = await self._worker.step(future, "infer")
             probs = _checked_probs(out, len(batch))
-        except TimeoutError:
-            self.errored = f"engine call exceeded {self._step_timeout_s}s (wedged?)"
-            log.error("engine_step_timeout", timeout_s=self._step_timeout_s, batch=len(batch))
+        except EngineStepTimeout:
+            log.error("engine_batch_timed_out", batch=len(batch), engine=identity.name)
             self._fail_batch(batch, EngineFailure("engine timed out"))
             return
         except (EngineFailure, EngineOutputError) as e:
-            log.error("engine_bad_output", error=str(e), batch=len(batch), engine=engine.name)
+            log.error("engine_bad_output", error=str(e), batch=len(batch), engine=identity.name)
             self._fail_batch(batch, EngineFailure("engine output is NaN or outside [0, 1]", reason="bad_output"))
             return
         except Exception:
-            log.exception("engine_batch_failed", batch=len(batch), engine=engine.name)
+            log.exception("engine_batch_failed", batch=len(batch), engine=identity.name)
             self._fail_batch(batch, EngineFailure("engine failed on this batch"))
             return
         finally:
@@ -222,12 +232,9 @@ class Batcher:
         self.stats.batch_sizes[len(batch)] += 1
         # Per-row copies: the sample log keeps rows after the engine may have reused its output buffers.
         features = np.asarray(out.features, dtype=np.float32)
-        version, backbone = _engine_identity(engine)
         for i, item in enumerate(batch):
             if not item.future.done():
-                item.future.set_result(
-                    Prediction(float(probs[i]), features[i].copy(), engine.name, len(batch), version, backbone)
-                )
+                item.future.set_result(Prediction(float(probs[i]), features[i].copy(), identity, len(batch)))
 
     def _fail_batch(self, batch: list[Item], error: SvdError) -> None:
         self.stats.batches_failed += 1
@@ -242,12 +249,7 @@ class Batcher:
         self._closed = dead
         while self._queue:
             _fail(heapq.heappop(self._queue), dead)
-
-
-def _engine_identity(engine: InferEngine) -> tuple[str, str]:
-    """Version and backbone hash of a real Engine; empty for stand-ins that lack a manifest."""
-    manifest = getattr(engine, "manifest", None)
-    return str(getattr(engine, "version", "")), str(getattr(manifest, "backbone_sha256", ""))
+        self._worker.set_waiting(False)
 
 
 def _fail(item: Item, error: SvdError) -> None:

@@ -67,10 +67,12 @@ def copy_engine(source: Path, target_dir: Path, name: str, age_s: float = 0.0, *
     return target_dir / name
 
 
-def _nudged_head(source: Path, seed: int) -> bytes:
+def _nudged_head(source: Path, seed: int) -> Any:
     """The source head with its weights nudged: a distinct engine on the same backbone."""
     # Imported here: torch takes ~1 s to import, and every `svd` command parses this module's arguments.
-    from safetensors.torch import load_file, save
+    from safetensors.torch import load_file
+
+    from svd.engine.head import Head
 
     rng = np.random.default_rng(seed)
     state = load_file(str(source / HEAD))
@@ -80,7 +82,7 @@ def _nudged_head(source: Path, seed: int) -> bytes:
             noise = rng.normal(0.0, 0.01, tuple(tensor.shape)).astype(np.float32)
             tensor = tensor + tensor.new_tensor(noise)
         nudged[key] = tensor.contiguous()
-    return save(nudged)
+    return Head.from_state(nudged)
 
 
 def _flip_byte_after_hashing(engine: Path) -> None:
@@ -127,7 +129,11 @@ def sequence(serving: Path, other: Path | None, tag: str) -> list[Candidate]:
 
 
 def _good(base: Path, name: str, seed: int, staging: Path) -> Path:
-    return copy_engine(base, staging, name, parts={HEAD: _nudged_head(base, seed)})
+    """A new head on `base`'s backbone, written as training writes one."""
+    from svd.engine.build import write_head_engine
+
+    write_head_engine(base, staging / name, _nudged_head(base, seed), version=f"0.0.{seed}")
+    return staging / name
 
 
 @dataclass
