@@ -1,6 +1,7 @@
 """`svd samples`: counts by band, label state, source and day; export of a selection."""
 
 import asyncio
+import base64
 import csv
 import hashlib
 import json
@@ -13,8 +14,9 @@ import pytest
 
 from svd.cli import main
 from svd.config import SamplesConfig
+from svd.engine.manifest import EngineIdentity
 from svd.samples.cli import parse_since
-from svd.samples.log import UncertainLog
+from svd.samples.log import SampleLog
 from tests.test_uncertain import jpeg_b64
 
 DAY = 86_400.0
@@ -37,17 +39,16 @@ def fill(db_path: Path) -> list[str]:
     cfg = SamplesConfig(band_low=0.4, band_high=0.6, random_rate=1.0)
 
     async def write() -> None:
-        log = UncertainLog(cfg, db_path, rng=random.Random(0), clock=times.__next__)
+        log = SampleLog(cfg, db_path, rng=random.Random(0), clock=times.__next__)
         await log.open()
         for _, pred, label, img in plan:
             assert log.offer(
-                image_b64=images[img],
+                image=base64.b64decode(images[img]),
+                image_format="jpeg",
                 caller_hotkey="5Caller",
                 prediction=pred,
                 features=np.full(4, pred, dtype=np.float32),
-                engine="tiny",
-                engine_version="1",
-                backbone_sha256="ab" * 32,
+                engine=EngineIdentity("tiny", "1", "ab" * 32),
                 testnet_label=label,
             )
         await log.close()

@@ -18,8 +18,9 @@ import structlog
 from PIL import Image
 
 from svd.config import SamplesConfig
+from svd.engine.manifest import EngineIdentity
 from svd.samples import db
-from svd.samples.log import MAX_ATTEMPTS, SamplePolicy, UncertainLog
+from svd.samples.log import MAX_ATTEMPTS, SampleLog, SamplePolicy
 from tests.helpers import VALIDATOR, make_config, running_daemon
 
 CFG = SamplesConfig(flush_interval_s=60.0, batch_max=8, queue_max=64)
@@ -34,15 +35,15 @@ def jpeg_b64(i: int, size: int = 32) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def offer(log: UncertainLog, image: str, prediction: float = 0.5, label: int | None = None, **kw: object) -> bool:
+def offer(log: SampleLog, image: str, prediction: float = 0.5, label: int | None = None, **kw: object) -> bool:
+    """Offer a base64 image as the request path does: the bytes and format decoding found."""
     args: dict = {
-        "image_b64": image,
+        "image": base64.b64decode(image),
+        "image_format": "jpeg",
         "caller_hotkey": "5Caller",
         "prediction": prediction,
         "features": FEATURES,
-        "engine": "tiny",
-        "engine_version": "0.1.0",
-        "backbone_sha256": "ab" * 32,
+        "engine": EngineIdentity("tiny", "0.1.0", "ab" * 32),
         "testnet_label": label,
     }
     args.update(kw)
@@ -61,23 +62,23 @@ def ticks() -> Iterator[float]:
     return itertools.count(1_700_000_000.0, 1.0)
 
 
-Opener = Callable[..., Awaitable[UncertainLog]]
+Opener = Callable[..., Awaitable[SampleLog]]
 
 
 @pytest.fixture
 async def opened(tmp_path: Path) -> AsyncIterator[Opener]:
     """Opens logs on tmp_path and closes them after the test, failed or not (aiosqlite's thread is not a daemon)."""
-    made: list[UncertainLog] = []
+    made: list[SampleLog] = []
 
-    async def open_log(cfg: SamplesConfig = CFG, name: str = "samples.db", **kw: object) -> UncertainLog:
-        log = UncertainLog(cfg, tmp_path / name, **kw)  # type: ignore[arg-type]
+    async def open_log(cfg: SamplesConfig = CFG, name: str = "samples.db", **kw: object) -> SampleLog:
+        log = SampleLog(cfg, tmp_path / name, **kw)  # type: ignore[arg-type]
         made.append(log)
         await log.open()
         return log
 
     yield open_log
     for log in made:
-        if log._conn is not None:
+        if log.store.is_open:
             await log.close()
 
 
@@ -107,8 +108,8 @@ def test_confident_answers_are_kept_at_the_seeded_rate() -> None:
 
 
 def test_offer_is_synchronous_and_a_full_queue_drops_and_counts(tmp_path: Path) -> None:
-    assert not inspect.iscoroutinefunction(UncertainLog.offer)
-    log = UncertainLog(replace(CFG, queue_max=8), tmp_path / "s.db", rng=random.Random(1))
+    assert not inspect.iscoroutinefunction(SampleLog.offer)
+    log = SampleLog(replace(CFG, queue_max=8), tmp_path / "s.db", rng=random.Random(1))
     # No writer runs and no loop is needed: offer() only appends.
     results = [offer(log, jpeg_b64(i)) for i in range(20)]
     assert results == [True] * 8 + [False] * 12
@@ -118,8 +119,8 @@ def test_offer_is_synchronous_and_a_full_queue_drops_and_counts(tmp_path: Path) 
 
 
 def test_the_queue_is_bounded_in_bytes_too(tmp_path: Path) -> None:
-    big = "A" * 400_000
-    log = UncertainLog(replace(CFG, queue_max_bytes=1_000_000), tmp_path / "s.db")
+    big = base64.b64encode(b"A" * 400_000).decode()
+    log = SampleLog(replace(CFG, queue_max_bytes=1_000_000), tmp_path / "s.db")
     assert [offer(log, big) for _ in range(4)] == [True, True, False, False]
     assert log.counters.dropped_full == 2
 
@@ -174,7 +175,7 @@ async def test_one_image_from_two_callers_is_stored_once(opened: Opener, tmp_pat
 async def test_features_and_fields_round_trip_exactly(opened: Opener, tmp_path: Path) -> None:
     odd = np.array([0.0, -0.0, 1e-45, -3.4e38, np.pi, 1 / 3, 7.25], dtype=np.float32)
     log = await opened(clock=iter([123.5]).__next__)
-    offer(log, jpeg_b64(2), prediction=0.61, label=1, features=odd, engine="e", engine_version="v9")
+    offer(log, jpeg_b64(2), prediction=0.61, label=1, features=odd, engine=EngineIdentity("e", "v9", ""))
     await log.close()
     ((blob, dim, pred, label, source, received, engine, version),) = rows(
         log.path,
@@ -365,7 +366,7 @@ async def test_the_caps_hold_while_the_running_writer_never_idles(opened: Opener
             while log.depth < cfg.queue_max:
                 offer(log, images[i % len(images)])
                 i += 1
-            peak = max(peak, log._count)
+            peak = max(peak, log.stored)
             await asyncio.sleep(0)
     assert log.depth > 0  # it really was saturated
     await log.close()
@@ -380,19 +381,19 @@ async def test_the_byte_bound_counts_the_features_and_gives_them_back(opened: Op
     features = np.zeros(100_000, dtype=np.float32)  # 400 kB, the image 1 kB
     image = jpeg_b64(1)
     assert [offer(log, image, features=features) for _ in range(3)] == [True, True, False]
-    assert log._queued_bytes == 2 * (len(image) + features.nbytes)
+    assert log._queued_bytes == 2 * (len(base64.b64decode(image)) + features.nbytes)
     assert await log.flush()
     assert log._queued_bytes == 0 and offer(log, image, features=features)
 
 
 async def test_a_kept_prediction_holds_its_own_row_not_the_batch() -> None:
-    from concurrent.futures import ThreadPoolExecutor
-
+    from svd.engine.serving import ServingEngine
+    from svd.engine.worker import EngineWorker
     from svd.serve.batcher import Batcher
     from tests.helpers import FakeEngine
 
-    worker = ThreadPoolExecutor(max_workers=1)
-    batcher = Batcher(FakeEngine(), worker, max_batch=4, max_queue=8)
+    worker = EngineWorker()
+    batcher = Batcher(ServingEngine(FakeEngine()), worker, max_batch=4, max_queue=8)  # type: ignore[arg-type]
     task = asyncio.create_task(batcher.run())
     await asyncio.sleep(0)
     images = [np.full((224, 224, 3), m, dtype=np.uint8) for m in range(4)]
@@ -400,7 +401,7 @@ async def test_a_kept_prediction_holds_its_own_row_not_the_batch() -> None:
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    worker.shutdown()
+    await worker.close()
     assert max(p.batch_size for p in preds) > 1  # rows of one batch
     for p in preds:
         assert p.features.base is None and p.features.nbytes == 4 * 4  # owns exactly its (4,) float32 row
@@ -450,8 +451,8 @@ async def test_an_answer_in_the_band_lands_with_the_engines_features(
         assert status == 200
         samples = d.snapshot().samples
         assert samples["offered"] == 2 and samples["kept"] == 2
-        engine = d.engine
-        assert engine is not None
+        assert d.serving is not None
+        engine = d.serving.engine
     assert d.snapshot().samples["written"] == 2  # shutdown flushed them
     ((sha, pred, feats, dim, label, source, name, version, backbone, caller),) = rows(
         cfg.samples_db,
@@ -517,11 +518,17 @@ def test_bad_samples_config_names_the_key(values: dict, message: str) -> None:
 
 
 async def test_the_image_format_is_recorded(opened: Opener) -> None:
+    from svd.serve.decode import DecodeLimits, decode
+
+    # The format decoding found travels with the bytes: the writer never sniffs an image again.
+    limits = DecodeLimits(1_000_000, 1_000_000, ("PNG", "WEBP", "JPEG", "GIF"))
     log = await opened()
     for i, fmt in enumerate(("PNG", "WEBP", "JPEG", "GIF")):
         buf = io.BytesIO()
         Image.new("RGB", (8, 8), (i, 0, 0)).save(buf, format=fmt)
-        offer(log, base64.b64encode(buf.getvalue()).decode())
+        decoded = decode(base64.b64encode(buf.getvalue()).decode(), limits)
+        assert decoded.raw == buf.getvalue()
+        offer(log, base64.b64encode(decoded.raw).decode(), image_format=decoded.format)
     await log.close()
     assert rows(log.path, "SELECT format FROM images ORDER BY first_seen, rowid") == [
         ("png",),
@@ -537,10 +544,10 @@ async def test_a_dead_writer_is_shown_in_status_and_serving_goes_on(
     from svd.status import render_table
     from tests.test_server import query
 
-    async def broken_run(self: UncertainLog) -> None:
+    async def broken_run(self: SampleLog) -> None:
         raise RuntimeError("writer bug")  # stands in for a bug in the writer loop
 
-    monkeypatch.setattr(UncertainLog, "run", broken_run)
+    monkeypatch.setattr(SampleLog, "run", broken_run)
     cfg = make_config(tmp_path, tiny_engine, samples={"band_low": 0.0, "band_high": 1.0})
     async with running_daemon(cfg) as d:
         await asyncio.sleep(0.1)

@@ -19,20 +19,27 @@ from pathlib import Path
 from typing import Any
 
 from svd.config import Config, SamplesConfig
-from svd.samples.db import IMAGE_SUFFIXES, SHA256_RE, DatabaseError, connect_readonly, write_image_file
+from svd.samples.db import (
+    IMAGE_SUFFIXES,
+    LABEL_SQL,
+    SHA256_RE,
+    SOURCES,
+    DatabaseError,
+    connect_readonly,
+    write_image_file,
+)
 
 LABEL_STATES = ("unlabelled", "testnet", "reviewed", "labelled")
-SOURCES = ("band", "testnet", "random")
 # A sample's label state: a review label wins over the testnet label.
 _STATE_SQL = (
     "CASE WHEN review_label IS NOT NULL THEN 'reviewed'"
     " WHEN testnet_label IS NOT NULL THEN 'testnet' ELSE 'unlabelled' END"
 )
 _LABEL_WHERE = {
-    "unlabelled": "review_label IS NULL AND testnet_label IS NULL",
+    "unlabelled": f"{LABEL_SQL} IS NULL",
     "testnet": "review_label IS NULL AND testnet_label IS NOT NULL",
     "reviewed": "review_label IS NOT NULL",
-    "labelled": "(review_label IS NOT NULL OR testnet_label IS NOT NULL)",
+    "labelled": f"{LABEL_SQL} IS NOT NULL",
 }
 # Export file names are built from images.format too: only values of this shape become a suffix.
 _FORMAT = re.compile(r"^[a-z0-9]{1,10}$")

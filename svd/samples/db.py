@@ -24,6 +24,15 @@ BUSY_TIMEOUT_MS = 5_000
 IMAGE_SUFFIXES = {"jpeg": ".jpg", "png": ".png", "webp": ".webp"}
 # Export file names are built from images.sha256: only values of this shape become a path.
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+# samples.source: why an answer was kept (svd/samples/log.py SamplePolicy).
+SOURCE_BAND, SOURCE_TESTNET, SOURCE_RANDOM = "band", "testnet", "random"
+SOURCES = (SOURCE_BAND, SOURCE_TESTNET, SOURCE_RANDOM)
+# A sample's label: a human review wins over the testnet label; NULL when it has neither.
+LABEL_SQL = "COALESCE(review_label, testnet_label)"
+# Bytes in pages holding data (images, features, indexes); free pages not counted.
+USED_BYTES_SQL = (
+    "SELECT (page_count - freelist_count) * page_size FROM pragma_page_count, pragma_freelist_count, pragma_page_size"
+)
 # Settings that last only as long as one connection, so every connection sets them.
 CONNECTION_PRAGMAS = (
     f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}",
@@ -206,10 +215,7 @@ def migrate(conn: sqlite3.Connection, path: Path, migrations: Sequence[Sequence[
 
 def used_bytes(conn: sqlite3.Connection) -> int:
     """Bytes in pages holding data (images, features, indexes); free pages not counted."""
-    page_size = conn.execute("PRAGMA page_size").fetchone()[0]
-    pages = conn.execute("PRAGMA page_count").fetchone()[0]
-    free = conn.execute("PRAGMA freelist_count").fetchone()[0]
-    return int((pages - free) * page_size)
+    return int(conn.execute(USED_BYTES_SQL).fetchone()[0] or 0)
 
 
 def _configure(conn: sqlite3.Connection, path: Path) -> None:

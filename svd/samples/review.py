@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from svd.samples.cli import positive_int
-from svd.samples.db import IMAGE_SUFFIXES, SHA256_RE, write_image_file
+from svd.samples.db import IMAGE_SUFFIXES, LABEL_SQL, SHA256_RE, write_image_file
 
 if TYPE_CHECKING:
     from svd.config import Config
@@ -151,7 +151,7 @@ def _new_unlabelled(
     rows = conn.execute(
         "SELECT s.uid, s.image_sha256, i.format, s.prediction, s.engine, s.engine_version, s.source, s.received_at"
         " FROM samples s JOIN images i ON i.sha256 = s.image_sha256"
-        " WHERE s.review_label IS NULL AND s.testnet_label IS NULL"
+        f" WHERE {LABEL_SQL} IS NULL"
         " ORDER BY abs(s.prediction - 0.5), s.received_at, s.id"
     ).fetchall()
     todo = [row for row in rows if row[0] not in in_dataset]

@@ -29,8 +29,22 @@ class DecodeLimits:
     formats: tuple[str, ...]
 
 
+@dataclass(frozen=True, slots=True)
+class Decoded:
+    """A decoded query image: what the engine takes, and what the sample log keeps."""
+
+    pixels: np.ndarray  # (224, 224, 3) uint8 RGB
+    raw: bytes  # the encoded image as the caller sent it
+    format: str  # PIL's name, lower case: "jpeg", "png", "webp"
+
+
 def decode_image(b64: str, limits: DecodeLimits) -> np.ndarray:
     """Decode a base64 image into a (224, 224, 3) uint8 RGB array."""
+    return decode(b64, limits).pixels
+
+
+def decode(b64: str, limits: DecodeLimits) -> Decoded:
+    """Decode a base64 image; the pixels, and the bytes and format they came from."""
     if not b64:
         raise BadRequest("field image is empty", reason="bad_image")
     # base64 is 4/3 of the bytes: refuse before decoding anything.
@@ -40,15 +54,17 @@ def decode_image(b64: str, limits: DecodeLimits) -> np.ndarray:
         raw = base64.b64decode(b64, validate=True)
     except (binascii.Error, ValueError):
         raise BadRequest("field image is not valid base64", reason="bad_image") from None
-    return _to_array(raw, limits)
+    pixels, fmt = _to_array(raw, limits)
+    return Decoded(pixels, raw, fmt)
 
 
-def _to_array(raw: bytes, limits: DecodeLimits) -> np.ndarray:
+def _to_array(raw: bytes, limits: DecodeLimits) -> tuple[np.ndarray, str]:
     try:
         with Image.open(io.BytesIO(raw), formats=list(limits.formats)) as im:
             width, height = im.size
             if width * height > limits.max_pixels:
                 raise PayloadTooLarge(f"image has {width}x{height} pixels, more than {limits.max_pixels}")
+            fmt = (im.format or "unknown").lower()
             if im.format == "JPEG":
                 # Let libjpeg decode large JPEGs at a reduced scale: far less work.
                 im.draft("RGB", (SIZE, SIZE))
@@ -63,4 +79,4 @@ def _to_array(raw: bytes, limits: DecodeLimits) -> np.ndarray:
         raise BadRequest(f"image cannot be decoded: {type(e).__name__}", reason="bad_image") from None
     if rgb.size != (SIZE, SIZE):
         rgb = rgb.resize((SIZE, SIZE), Image.Resampling.BILINEAR)
-    return np.asarray(rgb, dtype=np.uint8)
+    return np.asarray(rgb, dtype=np.uint8), fmt

@@ -46,7 +46,12 @@ class CallerHeaders:
 @dataclass(frozen=True)
 class ImageQuery:
     image: str
-    testnet_label: int
+    testnet_label: int  # as sent: -1 (the default) means no label
+
+    @property
+    def label(self) -> int | None:
+        """The testnet's ground truth (0 or 1), or None when the query carries none."""
+        return None if self.testnet_label == -1 else self.testnet_label
 
 
 def parse_headers(headers: Mapping[str, str]) -> CallerHeaders:

@@ -11,7 +11,6 @@ import time
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
-import numpy as np
 import structlog
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
@@ -19,11 +18,11 @@ from aiohttp.web_protocol import RequestPayloadError
 
 from svd.config import ServerConfig
 from svd.errors import BadRequest, PayloadTooLarge, RequestTimeout, SlowBody, SvdError, Unauthorized
-from svd.samples.log import UncertainLog
+from svd.samples.log import SampleLog
 from svd.serve import btauth, protocol
 from svd.serve.auth import Authenticator, Caller
 from svd.serve.batcher import Batcher, Prediction
-from svd.serve.decode import DecodeLimits, decode_image
+from svd.serve.decode import Decoded, DecodeLimits, decode
 from svd.status import Stats
 
 log = structlog.get_logger(__name__)
@@ -39,7 +38,7 @@ class Frontend:
     decoder: Executor
     limits: DecodeLimits
     stats: Stats
-    samples: UncertainLog | None = None  # the uncertain-sample log; None when [samples] is off
+    samples: SampleLog | None = None  # None when [samples] is off
 
     def make_app(self) -> web.Application:
         # Body size is enforced by aiohttp while reading (413), before JSON parsing.
@@ -66,7 +65,7 @@ class Frontend:
                 raw = await _read_body(request, deadline)
             query = protocol.parse_body(raw)
             image = await self._decode(query.image)
-            future = self.batcher.submit(image, identity.stake, deadline)
+            future = self.batcher.submit(image.pixels, identity.stake, deadline)
             prediction = await _await_until(future, deadline)
         except SvdError as e:
             return self._error(e, request, name, timeout, caller, start)
@@ -79,14 +78,13 @@ class Frontend:
         log.debug("answered", caller=identity.hotkey, prob=prediction.prob, ms=round(elapsed * 1000, 2))
         if self.samples is not None:  # O(1), never waits: the answer goes out right after
             self.samples.offer(
-                image_b64=query.image,
+                image=image.raw,
+                image_format=image.format,
                 caller_hotkey=identity.hotkey,
                 prediction=prediction.prob,
                 features=prediction.features,
                 engine=prediction.engine,
-                engine_version=prediction.engine_version,
-                backbone_sha256=prediction.backbone_sha256,
-                testnet_label=None if query.testnet_label == -1 else query.testnet_label,
+                testnet_label=query.label,
             )
         return web.Response(
             body=protocol.success_body(name, prediction.prob, query, timeout, self.cfg.model_url),
@@ -104,10 +102,10 @@ class Frontend:
         btauth.verify_btauth(h, method=request.method, path=request.raw_path, body=raw, own_hotkey=self.auth.own_hotkey)
         return self.auth.charge(h.hotkey, btauth.PROTOCOL, h.nonce, stake), raw
 
-    async def _decode(self, b64: str) -> np.ndarray:
+    async def _decode(self, b64: str) -> Decoded:
         started = time.monotonic()
         loop = asyncio.get_running_loop()
-        image = await loop.run_in_executor(self.decoder, decode_image, b64, self.limits)
+        image = await loop.run_in_executor(self.decoder, decode, b64, self.limits)
         self.stats.decode_time.add(time.monotonic() - started)
         return image
 
