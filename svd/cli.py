@@ -1,4 +1,6 @@
-"""`svd run|status|swap|rollback|unpin|build-engine|bench|swapbench`: the only place that exits the process."""
+"""`svd run|status|swap|rollback|unpin|build-engine|train|demo-data|samples|review|publish|register|bench|swapbench`.
+
+The only place that exits the process."""
 
 from __future__ import annotations
 
@@ -86,6 +88,26 @@ def _parser() -> argparse.ArgumentParser:
 
     review = sub.add_parser("review", help="label stored samples in the FiftyOne App: export, then import")
     add_review_arguments(review)
+
+    from svd.train.cli import add_arguments as add_train_arguments
+
+    train = sub.add_parser("train", help="the learning loop: run now, pause, resume, status; or --standalone")
+    add_train_arguments(train)
+
+    from svd.train.demo_data import add_arguments as add_demo_data_arguments
+
+    demo = sub.add_parser("demo-data", help="write a generated street-scene data set in the NATIX parquet format")
+    add_demo_data_arguments(demo)
+
+    from svd.tools.publish import add_arguments as add_publish_arguments
+
+    publish = sub.add_parser("publish", help="upload the serving engine's head, manifest and model_card.json to HF")
+    add_publish_arguments(publish)
+
+    from svd.tools.register import add_arguments as add_register_arguments
+
+    register = sub.add_parser("register", help="register the miner with NATIX's application server")
+    add_register_arguments(register)
 
     from svd.tools.swapbench import add_arguments as add_swapbench_arguments
 

@@ -11,7 +11,6 @@ reverse, bounded; queued samples are written before exit.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import fcntl
 import os
 import signal
@@ -29,8 +28,7 @@ from svd import __version__
 from svd.config import Config
 from svd.control import ControlServer
 from svd.engine.hotswap import EngineWatcher, HotSwap
-from svd.engine.load import newest_engine
-from svd.engine.serving import ServingEngine, prepare_engine
+from svd.engine.serving import ServingEngine, engine_to_serve, prepare_engine
 from svd.engine.worker import EngineWorker
 from svd.errors import ShuttingDown
 from svd.notify import Notifier
@@ -43,12 +41,14 @@ from svd.serve.decode import DecodeLimits
 from svd.serve.server import Frontend
 from svd.serve.wallet import load_hotkey
 from svd.status import Stats, StatusSnapshot
+from svd.train.schedule import TrainScheduler
 
 log = structlog.get_logger(__name__)
 HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 HEALTH_INTERVAL_S = 5.0
 SHUTDOWN_STEP_S = 5.0
 LOCK_FILE = "svd.lock"
+RETURNED = "returned"  # how a supervised task that ended without an exception is described
 
 
 class StartupError(Exception):
@@ -90,6 +90,7 @@ class Daemon:
         self.serving: ServingEngine | None = None
         self.batcher: Batcher | None = None
         self.hotswap: HotSwap | None = None
+        self.trainer: TrainScheduler | None = None
         self._watcher: EngineWatcher | None = None
         self.frontend: Frontend | None = None
         self.samples: SampleLog | None = None
@@ -125,7 +126,7 @@ class Daemon:
         await self._start_chain(hotkey)
         self.worker = worker = EngineWorker(step_timeout_s=cfg.batcher.step_timeout_s)
         # Finding (or building) the engine runs on the engine thread too: a demo build on a GPU box builds a plan.
-        path = await worker.run(self._engine_path)
+        path = await worker.run(engine_to_serve, cfg.engine, cfg.engines_dir)
         self.serving = ServingEngine(await prepare_engine(worker, path, cfg.engine))
         self.batcher = Batcher(
             self.serving,
@@ -137,9 +138,10 @@ class Daemon:
         )
         self.spawn("batcher", self.batcher.run())
         if self.samples is not None:
-            self.spawn("samples_writer", self.samples.run(), fatal=False)
+            self.spawn("samples_writer", self.samples.run(), on_error=self.samples.writer_died)
         self.hotswap = HotSwap(self.serving, worker, cfg.engine, cfg.engines_dir)
-        commands = {"status": lambda _: self.snapshot().to_dict(), **self.hotswap.commands()}
+        self.trainer = TrainScheduler(cfg, worker, self.serving, self.spawn)
+        commands = {"status": lambda _: self.snapshot().to_dict(), **self.hotswap.commands(), **self.trainer.commands()}
         self._control = ControlServer(cfg.socket_path, commands)
         await self._control.start()
         await self._start_listener(hotkey.ss58_address)
@@ -147,6 +149,7 @@ class Daemon:
             self._watcher = EngineWatcher(self.hotswap, cfg.engines_dir, cfg.engine.watch_debounce_ms)
             self.spawn("engine_watcher", self._watcher.run())
         self.spawn("health", self._health_loop())
+        self.trainer.start()
         self.state = "serving"
         self.started.set()
         self.notifier.ready()
@@ -162,6 +165,8 @@ class Daemon:
         if self.worker is not None:
             # First, so draining requests never waits behind a training slice.
             self.worker.cancel_background()
+        if self.trainer is not None:
+            await _bounded(self.trainer.stop(), "training")
         if self._runner is not None:
             # Stops listening and closes idle keep-alive connections, then waits
             # up to the grace period for requests already received: those are served.
@@ -209,14 +214,26 @@ class Daemon:
             errored=self.errored,
         )
 
-    def spawn(self, name: str, coro: Coroutine[Any, Any, None], *, fatal: bool = True) -> asyncio.Task[None]:
+    def spawn(
+        self,
+        name: str,
+        coro: Coroutine[Any, Any, None],
+        *,
+        on_error: Callable[[str], None] | None = None,
+        finite: bool = False,
+    ) -> asyncio.Task[None]:
         """Run a supervised task: if it ends while serving, that is a bug and we exit non-zero.
 
-        fatal=False (the samples writer): the end is logged and shown in status, and serving goes on.
+        With on_error (the samples writer, training runs) the end is logged and handed to it
+        (status shows it), and serving goes on. A finite task (a training run) may return;
+        only an exception is its failure.
         """
         task = asyncio.get_running_loop().create_task(coro, name=name)
         self._tasks.add(task)
-        task.add_done_callback(self._on_task_done if fatal else self._on_optional_task_done)
+        if on_error is None:
+            task.add_done_callback(self._on_task_done)
+        else:
+            task.add_done_callback(lambda t: self._on_optional_task_done(t, on_error, finite))
         return task
 
     def _on_task_done(self, task: asyncio.Task[None]) -> None:
@@ -226,12 +243,11 @@ class Daemon:
             log.error("task_died", task=task.get_name(), error=error)
             self.should_exit.set()
 
-    def _on_optional_task_done(self, task: asyncio.Task[None]) -> None:
+    def _on_optional_task_done(self, task: asyncio.Task[None], on_error: Callable[[str], None], finite: bool) -> None:
         error = self._ended_unexpectedly(task)
-        if error is not None:
+        if error is not None and not (finite and error == RETURNED):
             log.error("task_died", task=task.get_name(), error=error, serving_goes_on=True)
-            if self.samples is not None:
-                self.samples.counters.errored = f"writer exited: {error}"
+            on_error(error)
 
     def _ended_unexpectedly(self, task: asyncio.Task[None]) -> str | None:
         """How a task ended, if it ended while serving; None for a cancel or any end during shutdown."""
@@ -239,7 +255,7 @@ class Daemon:
         if task.cancelled() or self.should_exit.is_set() or self.state == "stopping":
             return None
         error = task.exception()
-        return repr(error) if error is not None else "returned"
+        return repr(error) if error is not None else RETURNED
 
     def snapshot(self) -> StatusSnapshot:
         s, b, h, w = self.stats, self.batcher, self.hotswap, self.worker
@@ -265,41 +281,13 @@ class Daemon:
             decode_ms=s.decode_time.summary_ms(),
             engine_ms=s.engine_time.summary_ms(),
             samples=self.samples.status() if self.samples else {"enabled": False},
+            train=self.trainer.status() if self.trainer else {"enabled": False},
         )
 
     def _chain_status(self) -> dict[str, Any]:
-        cfg = self.cfg.chain
         if self.chain is None:
             return {"mode": "offline", "callers": len(self.cfg.auth.allowlist)}
-        snap, own = self.chain.snapshot, self.chain.own()
-        return {
-            "mode": "online",
-            "network": cfg.network,
-            "netuid": cfg.netuid,
-            "block": snap.block if snap else None,
-            "age_s": round(self.chain.age_s or 0.0, 1),
-            "neurons": len(snap.neurons) if snap else 0,
-            "failures": self.chain.failures,
-            "last_error": self.chain.last_error,
-            "own": dataclasses.asdict(own) if own else None,
-        }
-
-    def _engine_path(self) -> Path:
-        engines = self.cfg.engines_dir
-        if self.cfg.engine.name:
-            path = engines / self.cfg.engine.name
-            if not (path / "manifest.json").is_file():
-                raise StartupError(f"engine.name: no engine {self.cfg.engine.name!r} in {engines}")
-            return path
-        newest = newest_engine(engines) if engines.is_dir() else None
-        if newest is not None:
-            return newest
-        if not self.cfg.engine.build_demo_if_empty:
-            raise StartupError(f"no engine in {engines}: run `svd build-engine --demo` or copy one there")
-        from svd.engine.build import build_demo_engine  # torch export tooling, only needed here
-
-        log.info("building_demo_engine", dir=str(engines))
-        return build_demo_engine(engines)
+        return {"mode": "online", "network": self.cfg.chain.network, **self.chain.status()}
 
     async def _open_samples(self) -> None:
         if not self.cfg.samples.enabled:

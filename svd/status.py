@@ -82,6 +82,7 @@ class StatusSnapshot:
     decode_ms: dict[str, float]
     engine_ms: dict[str, float]
     samples: dict[str, Any] = field(default_factory=dict)
+    train: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -106,6 +107,7 @@ def render_table(s: dict[str, Any]) -> str:
         ("decode ms", _timing(s["decode_ms"])),
         ("engine ms/batch", _timing(s["engine_ms"])),
         ("samples", _samples(s.get("samples") or {})),
+        ("training", _train(s.get("train") or {})),
     ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
@@ -156,6 +158,31 @@ def _samples(c: dict[str, Any]) -> str:
     line += f" in {c['retention_passes']} passes"
     if c.get("last_error"):
         line += f", last error: {c['last_error']}"
+    return line
+
+
+def _train(t: dict[str, Any]) -> str:
+    if not t.get("enabled"):
+        return "off"
+    pad = "\n" + " " * 19
+    line = "paused" if t.get("paused") else f"next {t.get('next_run') or '-'} ({t.get('schedule')})"
+    run = t.get("running")
+    if run:
+        total = f"/{run['total']}" if run.get("total") else ""
+        line += f"{pad}running {run['run_id']}: {run['stage']} {run['done']}{total} ({_duration(run['duration_s'])})"
+    last = t.get("last")
+    if last:
+        line += f"{pad}last {last['run_id']}: {last['result']} in {_duration(last.get('duration_s') or 0)}"
+        cand, serv = last.get("candidate"), last.get("serving")
+        if cand and serv:
+            line += (
+                f"{pad}holdout mcc {cand['mcc']:.3f} vs serving {serv['mcc']:.3f}, "
+                f"reward {cand['reward_proxy']:.3f} vs {serv['reward_proxy']:.3f}"
+            )
+        if last.get("engine"):
+            line += f"{pad}wrote engine {last['engine']}"
+        elif last.get("reason"):
+            line += f"{pad}{last['reason'][:160]}"
     return line
 
 

@@ -30,6 +30,17 @@ def tiny_engine(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def demo_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """480 generated street scenes in the NATIX parquet format (svd demo-data), at 320x240:
+    the same scenes as the demo's, a fraction of the distortion work."""
+    from svd.train.demo_data import write_parquet
+
+    root = tmp_path_factory.mktemp("demo-data")
+    write_parquet(root, 480, seed=11, sizes=((320, 240),), workers=2)
+    return root
+
+
+@pytest.fixture(scope="session")
 def jpegs() -> list[bytes]:
     return street_jpegs(12, seed=1)
 

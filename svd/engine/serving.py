@@ -15,11 +15,15 @@ import asyncio
 import functools
 from pathlib import Path
 
+import structlog
+
 from svd.config import EngineConfig
 from svd.engine.canary import canary_images
-from svd.engine.load import Engine, load_engine
-from svd.engine.manifest import Manifest, verify_engine_dir
+from svd.engine.load import Engine, load_engine, newest_engine
+from svd.engine.manifest import MANIFEST_NAME, EngineError, Manifest, verify_engine_dir
 from svd.engine.worker import EngineWorker
+
+log = structlog.get_logger(__name__)
 
 CANARY_IMAGES = 4
 
@@ -34,6 +38,28 @@ class ServingEngine:
         """Serve `new` from the next batch on; returns the engine it replaces (the caller closes it)."""
         old, self.engine = self.engine, new
         return old
+
+
+def engine_to_serve(cfg: EngineConfig, engines_dir: Path) -> Path:
+    """The engine to start with: [engine] name when set, else the newest in engines/, else a demo built there.
+
+    Raises:
+        EngineError: the named engine is missing, or engines/ is empty and building a demo is off.
+    """
+    if cfg.name:
+        path = engines_dir / cfg.name
+        if not (path / MANIFEST_NAME).is_file():
+            raise EngineError(f"engine.name: no engine {cfg.name!r} in {engines_dir}")
+        return path
+    newest = newest_engine(engines_dir) if engines_dir.is_dir() else None
+    if newest is not None:
+        return newest
+    if not cfg.build_demo_if_empty:
+        raise EngineError(f"no engine in {engines_dir}: run `svd build-engine --demo` or copy one there")
+    from svd.engine.build import build_demo_engine  # torch export tooling, only needed here
+
+    log.info("building_demo_engine", dir=str(engines_dir))
+    return build_demo_engine(engines_dir)
 
 
 def canary_check(engine: Engine) -> None:

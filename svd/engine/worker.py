@@ -57,6 +57,27 @@ class Progress:
     stage: str = ""
 
 
+@dataclass
+class SliceStats:
+    """Every background slice the worker ran since this was made (status, benchmarks)."""
+
+    slices: int = 0
+    total_s: float = 0.0
+    max_s: float = 0.0
+
+    def add(self, seconds: float) -> None:
+        self.slices += 1
+        self.total_s += seconds
+        self.max_s = max(self.max_s, seconds)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "slices": self.slices,
+            "slice_ms_max": round(self.max_s * 1000, 2),
+            "slice_ms_mean": round(self.total_s * 1000 / self.slices, 2) if self.slices else 0.0,
+        }
+
+
 class JobState(enum.Enum):
     QUEUED = "queued"
     RUNNING = "running"
@@ -126,6 +147,7 @@ class EngineWorker:
     def __init__(self, step_timeout_s: float = 10.0, name: str = THREAD_NAME) -> None:
         self.step_timeout_s = step_timeout_s
         self.errored: str | None = None
+        self.slice_stats = SliceStats()
         self._cond = threading.Condition()
         self._calls: deque[tuple[concurrent.futures.Future[Any], Callable[[], Any]]] = deque()
         self._jobs: deque[BackgroundJob[Any]] = deque()
@@ -287,6 +309,7 @@ class EngineWorker:
         job.slices += 1
         job.slice_s_total += elapsed
         job.slice_s_max = max(job.slice_s_max, elapsed)
+        self.slice_stats.add(elapsed)
         if progress is not None:
             job.progress = progress
             return False

@@ -109,6 +109,10 @@ class SampleLog:
     def stored(self) -> int:
         return self.store.count
 
+    def writer_died(self, error: str) -> None:
+        """The writer task ended while serving (a bug): status shows it; nothing is written any more."""
+        self.counters.errored = f"writer exited: {error}"
+
     async def open(self) -> None:
         """Open (creating or migrating) the store.
 

@@ -8,6 +8,7 @@ outage still knows the validators, and refreshes back off while it fails.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import random
@@ -220,6 +221,19 @@ class ChainSync:
 
     def own(self) -> Neuron | None:
         return self.snapshot.neurons.get(self.own_hotkey) if self.snapshot else None
+
+    def status(self) -> dict[str, Any]:
+        """What `svd status` shows of the chain: snapshot block and age, refresh failures, our own neuron."""
+        snap, own = self.snapshot, self.own()
+        return {
+            "netuid": self.netuid,
+            "block": snap.block if snap else None,
+            "age_s": round(self.age_s or 0.0, 1),
+            "neurons": len(snap.neurons) if snap else 0,
+            "failures": self.failures,
+            "last_error": self.last_error,
+            "own": dataclasses.asdict(own) if own else None,
+        }
 
     async def start(self) -> None:
         """Load the persisted snapshot, then try the chain once; never raises for an outage."""

@@ -1,0 +1,362 @@
+"""One training run: data -> features -> head -> holdout verdict -> a new engine, or not -> report.
+
+The same run serves the daemon's schedule and `svd train --standalone`: it
+needs an engine worker and the engine whose backbone it trains on (the
+serving one). Everything that touches the accelerator is an idle-lane job
+on that worker (feature slices, head steps, holdout scoring); everything
+else runs in threads. A promoted head is written with write_head_engine()
+into engines/, atomically, where hot swap picks it up; a rejected or failed
+run writes its report and no engine. Nothing a run does can fail a request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import fcntl
+import time
+from collections.abc import Callable, Generator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+import structlog
+from safetensors.torch import load_file
+
+from svd.config import Config, TrainConfig
+from svd.engine.build import write_head_engine
+from svd.engine.head import Head
+from svd.engine.load import Engine
+from svd.engine.manifest import HEAD
+from svd.engine.worker import BackgroundJob, EngineWorker, Progress
+from svd.train import logged
+from svd.train.features import (
+    AS_SERVED,
+    FEATURES_DB,
+    FeatureCache,
+    ViewKey,
+    extract_slices,
+    plan_views,
+    render_views,
+    training_pool,
+)
+from svd.train.fit import FeatureSet, FitConfig, FitResult, fit_head, head_probs
+from svd.train.gate import GateConfig, Verdict, judge
+from svd.train.report import append_history, read_history, write_report
+from svd.train.sources import SCANNERS, SourceSpec
+from svd.train.splits import MixConfig, TrainingData, assemble
+
+log = structlog.get_logger(__name__)
+
+SCANNERS.setdefault(logged.SAMPLES, logged.scan_samples)
+LOCK = "train.lock"
+# Views rendered per chunk (~19 MB of pixels): the CPU renders the next chunk while the engine runs this one.
+CHUNK_VIEWS = 128
+SUMMARY_METRICS = ("mcc", "accuracy", "reward_proxy", "auc", "ece", "n")
+
+
+class RunBusy(Exception):
+    """Another run holds the state dir's training lock (the daemon's, or a standalone one)."""
+
+
+@dataclass
+class RunState:
+    """What `svd status` shows of a run while it goes and once it is over."""
+
+    run_id: str
+    trigger: str
+    started: float
+    stage: str = "starting"
+    done: int = 0
+    total: int | None = None
+    result: str | None = None  # promoted | rejected | skipped | failed | cancelled
+    reason: str = ""
+    finished: float | None = None
+    engine: str | None = None
+    candidate: dict[str, Any] | None = None
+    serving: dict[str, Any] | None = None
+    features: dict[str, int] = dataclasses.field(default_factory=dict)
+    report: str | None = None
+
+    def summary(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["duration_s"] = round((self.finished or time.time()) - self.started, 1)
+        return out
+
+
+def new_run_id(now: datetime | None = None) -> str:
+    return (now or datetime.now(UTC)).strftime("%Y%m%dT%H%M%SZ")
+
+
+def source_specs(cfg: Config) -> list[SourceSpec]:
+    """The [train] sources as scanners take them, plus the samples database."""
+    specs = []
+    for i, src in enumerate(cfg.train.sources):
+        path = cfg.source_path(src.path) if src.path else None
+        specs.append(SourceSpec(f"{src.kind}-{i}", src.kind, path, src.repo or None, None, src.weight, src.synthetic))
+    if cfg.train.use_samples and cfg.samples_db.is_file():
+        specs.append(SourceSpec("samples", logged.SAMPLES, cfg.samples_db))
+    return specs
+
+
+class TrainRun:
+    """One run, from data to verdict. Build it, then `await run()`; `state` follows it.
+
+    Args:
+        cfg: the whole configuration (train section, paths).
+        worker: the engine worker; the run's accelerator work goes to its idle lane.
+        engine: the engine to train on (its backbone) and to beat (its head).
+        trigger: why it runs ("schedule", "command", "standalone").
+        on_progress: told after every stage or slice (the standalone CLI draws bars with it).
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        worker: EngineWorker,
+        engine: Engine,
+        trigger: str,
+        on_progress: Callable[[RunState], None] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.tc: TrainConfig = cfg.train
+        self.worker = worker
+        self.engine = engine
+        self.state = RunState(new_run_id(), trigger, time.time())
+        self._on_progress = on_progress or (lambda _: None)
+        self._cache = FeatureCache(cfg.state_dir / FEATURES_DB)
+        self._job: BackgroundJob[Any] | None = None
+        self._report: dict[str, Any] = {"run_id": self.state.run_id, "trigger": trigger}
+        self._holdout: dict[str, np.ndarray] | None = None
+
+    @property
+    def device(self) -> str:
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    async def run(self) -> RunState:
+        """The whole run; never raises for a bad run (the state says what happened), only when cancelled."""
+        s = self.state
+        lock = None
+        log.info("train_run_started", run_id=s.run_id, trigger=s.trigger, engine=self.engine.name)
+        backend = None
+        try:
+            lock = _take_lock(self.cfg.state_dir)
+            # Held for the run: a hot swap meanwhile must not close the backbone the features come from.
+            backend = self.engine.shared_backend.acquire()
+            await self._stages()
+        except asyncio.CancelledError:
+            self._end("cancelled", "the run was cancelled (shutdown, or svd train pause)")
+            raise
+        except RunBusy as exc:
+            self._end("skipped", str(exc))
+        except Exception as exc:  # a bad source, a full disk, OOM in a slice: the run fails, serving does not
+            log.exception("train_run_failed", run_id=s.run_id)
+            self._end("failed", f"{type(exc).__name__}: {exc}")
+        finally:
+            if self._job is not None and not self._job.done:
+                self._job.cancel()
+            if s.finished is None:
+                self._end("failed", "ended without a result")
+            if backend is not None:
+                await asyncio.shield(self.worker.run(backend.release))  # may close it: engine thread
+            await asyncio.shield(self._finish(lock))
+        return s
+
+    async def _stages(self) -> None:
+        tc = self.tc
+        backbone = self.engine.manifest.backbone_sha256
+        serving_head = await asyncio.to_thread(_load_head, self.engine.path)
+        self._stage("data")
+        mix = MixConfig(tc.holdout_permille, tc.validation_permille, seed=tc.seed)
+        data = await asyncio.to_thread(assemble, source_specs(self.cfg), mix)
+        self._report["data"] = data.report()
+        if len(data.train) < tc.min_images or not data.validation or not data.holdout:
+            self._end("skipped", f"too little labelled data: {data.report()} (train.min_images = {tc.min_images})")
+            return
+        views = {
+            "train": plan_views(data.train, tc.views, "train"),
+            "validation": plan_views(data.validation, tc.views, "validation"),
+            "holdout": plan_views(data.holdout, tc.holdout_views, "holdout"),
+        }
+        await self._features(backbone, [v for split in views.values() for v in split])
+        sets = await asyncio.to_thread(self._feature_sets, backbone, views, data)
+        self._stage("fit")
+        fit_cfg = FitConfig(
+            tc.hidden,
+            tc.learning_rate,
+            tc.weight_decay,
+            tc.batch_size,
+            tc.max_epochs,
+            tc.patience,
+            tc.seed,
+            tc.slice_ms,
+        )
+        dims = self.engine.manifest.feature_dims
+        fitting = fit_head(sets["train"], sets["validation"], dims, fit_cfg, self.device)
+        fitted: FitResult = await self._background("fit", fitting)
+        self._report["fit"] = {**fitted.summary(), "history": fitted.history}
+        verdict = await self._judge(fitted.head, serving_head, sets["holdout"])
+        if verdict.promote:
+            await self._deploy(fitted.head, verdict)
+        else:
+            self._end("rejected", "; ".join(verdict.reasons))
+
+    async def _features(self, backbone: str, views: Sequence[ViewKey]) -> None:
+        """Fill the cache with every view it lacks: served features as they are, the rest through the backbone."""
+        self._stage("features")
+        served = [v for v in views if v.seed == AS_SERVED and _served_features(v, backbone) is not None]
+        missing = await asyncio.to_thread(self._cache.missing, backbone, [v.key for v in views])
+        todo_served = [v for v in served if v.key in missing]
+        if todo_served:
+            feats = np.stack([_served_features(v, backbone) for v in todo_served])  # type: ignore[misc]
+            await asyncio.to_thread(self._cache.put, backbone, [v.key for v in todo_served], feats)
+        done_keys = {v.key for v in todo_served}
+        # One view per key: a record drawn twice by the epoch shares its views.
+        todo = list({v.key: v for v in views if v.key in missing and v.key not in done_keys}.values())
+        s = self.state
+        s.features = {"views": len({v.key for v in views}), "cached": len({v.key for v in views}) - len(missing)}
+        s.features["from_samples"], s.features["extracted"] = len(todo_served), 0
+        s.total, s.done = len(todo), 0
+        if todo:
+            await self._extract(backbone, todo)
+        self._report["features"] = dict(s.features)
+
+    async def _extract(self, backbone: str, todo: Sequence[ViewKey]) -> None:
+        chunks = [todo[i : i + CHUNK_VIEWS] for i in range(0, len(todo), CHUNK_VIEWS)]
+        features_of = self.engine.shared_backend.backend.features
+        pool = training_pool(self.tc.threads)
+        try:
+            loop = asyncio.get_running_loop()
+            pending = loop.run_in_executor(pool, render_views, chunks[0])
+            for i, part in enumerate(chunks):
+                images = await pending
+                if i + 1 < len(chunks):  # the CPU distorts the next chunk while the engine runs this one
+                    pending = loop.run_in_executor(pool, render_views, chunks[i + 1])
+                slices = extract_slices(features_of, images, self.tc.slice_images, self.tc.slice_ms)
+                feats = await self._background(f"features {i + 1}/{len(chunks)}", slices)
+                await asyncio.to_thread(self._cache.put, backbone, [v.key for v in part], feats)
+                self.state.done += len(part)
+                self.state.features["extracted"] += len(part)
+                self._on_progress(self.state)
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    def _feature_sets(
+        self, backbone: str, views: dict[str, list[ViewKey]], data: TrainingData
+    ) -> dict[str, FeatureSet]:
+        index: dict[str, int] = {}
+        out = {}
+        for name, split in views.items():
+            keys = [v.key for v in split]
+            x = self._cache.get(backbone, keys)
+            y = np.asarray([v.record.label for v in split], dtype=np.int64)
+            images = np.asarray([index.setdefault(v.record.sha256, len(index)) for v in split], dtype=np.int64)
+            out[name] = FeatureSet(x, y, images)
+        del data
+        return out
+
+    async def _judge(self, candidate: Head, serving: Head, holdout: FeatureSet) -> Verdict:
+        self._stage("holdout")
+        device = self.device
+
+        def score() -> Generator[Progress, None, tuple[np.ndarray, np.ndarray]]:
+            yield Progress(0, 2, "holdout")
+            return head_probs(candidate, holdout.features, device), head_probs(serving, holdout.features, device)
+
+        cand, serv = await self._background("holdout", score())
+        tc = self.tc
+        gate = GateConfig(tc.min_gain_reward, tc.min_gain_mcc, tc.confidence, seed=tc.seed)
+        verdict = await asyncio.to_thread(judge, cand, serv, holdout.labels, holdout.images, gate)
+        self._holdout = {"labels": holdout.labels, "candidate": cand, "serving": serv}
+        self.state.candidate = {k: verdict.candidate[k] for k in SUMMARY_METRICS}
+        self.state.serving = {k: verdict.serving[k] for k in SUMMARY_METRICS}
+        self._report["verdict"] = verdict.to_dict()
+        log.info("train_holdout", run_id=self.state.run_id, promote=verdict.promote, gain=verdict.gain)
+        return verdict
+
+    async def _deploy(self, head: Head, verdict: Verdict) -> None:
+        self._stage("deploy")
+        s = self.state
+        name = f"nightly-{s.run_id}"
+        metrics = {f"{k}": float(verdict.candidate[k]) for k in SUMMARY_METRICS}
+        version = datetime.fromtimestamp(s.started, UTC).strftime("%Y.%-m.%-d")
+        target = self.cfg.engines_dir / name
+        await asyncio.to_thread(
+            write_head_engine,
+            self.engine.path,
+            target,
+            head,
+            version=version,
+            train_run_id=s.run_id,
+            holdout_metrics=metrics,
+        )
+        s.engine = name
+        self._end("promoted", "; ".join(verdict.reasons))
+        log.info("train_engine_written", run_id=s.run_id, engine=name, path=str(target))
+
+    async def _background(self, name: str, job_slices: Any) -> Any:
+        self._job = job = self.worker.background(f"train {self.state.run_id}: {name}", job_slices)
+        try:
+            return await job.wait()
+        except asyncio.CancelledError:
+            job.cancel()
+            raise
+
+    def _stage(self, stage: str) -> None:
+        self.state.stage = stage
+        self.state.done, self.state.total = 0, None
+        log.info("train_stage", run_id=self.state.run_id, stage=stage)
+        self._on_progress(self.state)
+
+    def _end(self, result: str, reason: str) -> None:
+        s = self.state
+        if s.finished is None:
+            s.result, s.reason, s.finished = result, reason, time.time()
+            s.stage = "done"
+
+    async def _finish(self, lock: IO[str] | None) -> None:
+        s = self.state
+        self._report["result"] = s.summary()
+        self._report["config"] = dataclasses.asdict(self.tc)
+        train_dir = self.cfg.train_dir
+        try:
+            history = [*await asyncio.to_thread(read_history, train_dir), s.summary()]
+            s.report = str(train_dir / s.run_id)
+            await asyncio.to_thread(write_report, train_dir, s.run_id, self._report, self._holdout, history)
+            await asyncio.to_thread(append_history, train_dir, s.summary())
+        except Exception as exc:  # a full disk: the run's outcome stands, the report is lost and says so
+            log.error("train_report_failed", run_id=s.run_id, error=repr(exc))
+            s.report = None
+        finally:
+            self._cache.close()
+            if lock is not None:
+                lock.close()
+        self._on_progress(s)
+        log.info("train_run_finished", run_id=s.run_id, result=s.result, reason=s.reason, report=s.report)
+
+
+def _served_features(view: ViewKey, backbone: str) -> np.ndarray | None:
+    record = view.record
+    if isinstance(record, logged.LoggedRecord) and record.features is not None and record.backbone_sha256 == backbone:
+        return record.features
+    return None
+
+
+def _load_head(engine_dir: Path) -> Head:
+    return Head.from_state(load_file(str(engine_dir / HEAD)))
+
+
+def _take_lock(state_dir: Path) -> IO[str]:
+    """One run per state dir, across processes (the daemon's schedule and a standalone run)."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(state_dir / LOCK, "a+")  # noqa: SIM115 - held for the run
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise RunBusy(f"another training run holds {state_dir / LOCK}") from None
+    return handle

@@ -1,0 +1,228 @@
+"""The learning loop inside the daemon: control commands, the real scheduler, hot swap under load, failures.
+
+Every run here trains on generated data with the tiny random engine; what is
+checked is the mechanics: a promoted head is served by hot swap while signed
+validator queries keep being answered, and a failing or killed run never
+touches serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+import pytest
+from apscheduler.triggers.interval import IntervalTrigger
+
+from svd.config import Config, load_config
+from svd.control import call
+from svd.engine.serving import ServingEngine, prepare_engine
+from svd.engine.worker import EngineWorker
+from svd.train.schedule import TrainScheduler
+from tests.helpers import DaemonProcess, make_config, running_daemon
+from tests.test_server import query
+
+TRAIN = {
+    "views": 2,
+    "holdout_views": 2,
+    "min_images": 20,
+    "slice_images": 16,
+    "hidden": 32,
+    "max_epochs": 80,
+    "patience": 10,
+    "holdout_permille": 200,
+    "validation_permille": 200,
+    "threads": 2,
+}
+WAIT_S = 240.0
+
+
+async def status(cfg: Config) -> dict[str, Any]:
+    result: dict[str, Any] = await asyncio.to_thread(call, cfg.socket_path, "status")
+    return result
+
+
+async def until(cfg: Config, ok: Any, what: str) -> dict[str, Any]:
+    deadline = time.monotonic() + WAIT_S
+    while True:
+        snap = await status(cfg)
+        if ok(snap):
+            return snap
+        assert time.monotonic() < deadline, f"{what}: {json.dumps(snap['train'])[:2000]}"
+        await asyncio.sleep(0.1)
+
+
+async def answer_loop(port: int, miner: str, image: str, stop: asyncio.Event) -> list[int]:
+    codes = []
+    while not stop.is_set():
+        codes.append((await query(port, miner, image))[0])
+    return codes
+
+
+async def test_train_now_promotes_and_hot_swap_serves_it_under_signed_load(
+    tmp_path: Path, tiny_engine: Path, demo_data: Path, jpegs_b64: list[str]
+) -> None:
+    sources = [{"kind": "natix_parquet", "path": str(demo_data)}]
+    base = make_config(tmp_path, tiny_engine, train={**TRAIN, "sources": sources})
+    cfg = dataclasses.replace(base, engine=dataclasses.replace(base.engine, watch_debounce_ms=50))
+    async with running_daemon(cfg) as d:
+        miner = d.snapshot().hotkey
+        before = await query(d.port, miner, jpegs_b64[0])
+        stop = asyncio.Event()
+        load = [asyncio.create_task(answer_loop(d.port, miner, j, stop)) for j in jpegs_b64[:2]]
+        started = await asyncio.to_thread(call, cfg.socket_path, "train_now")
+        with pytest.raises(RuntimeError, match="still going"):
+            await asyncio.to_thread(call, cfg.socket_path, "train_now")  # one run at a time
+        snap = await until(cfg, lambda s: (s["train"]["last"] or {}).get("run_id") == started["run_id"], "run")
+        last = snap["train"]["last"]
+        assert last["result"] == "promoted", last
+        snap = await until(cfg, lambda s: s["engine"]["name"] == last["engine"], "swap")
+        served = d.snapshot().served
+        while d.snapshot().served < served + 6:  # a few more answers from the new head
+            await asyncio.sleep(0.01)
+        stop.set()
+        codes = [c for task in load for c in await task]
+        after = await query(d.port, miner, jpegs_b64[0])
+        assert codes and set(codes) == {200}, sorted(set(codes))
+        assert snap["engine"]["swaps"] == 1 and after[0] == 200
+        assert after[1]["prediction"] != before[1]["prediction"]
+        assert snap["train"]["running"] is None and snap["errored"] is None
+
+
+async def test_pause_stops_the_schedule_and_refuses_runs_resume_restores_them(
+    tmp_path: Path, tiny_engine: Path
+) -> None:
+    cfg = make_config(tmp_path, tiny_engine)
+    async with running_daemon(cfg):
+        train = (await status(cfg))["train"]
+        assert train["enabled"] and train["next_run"] and not train["paused"]
+        paused = await asyncio.to_thread(call, cfg.socket_path, "train_pause")
+        assert paused["paused"] and paused["next_run"] is None
+        with pytest.raises(RuntimeError, match="paused"):
+            await asyncio.to_thread(call, cfg.socket_path, "train_now")
+        resumed = await asyncio.to_thread(call, cfg.socket_path, "train_resume")
+        assert not resumed["paused"] and resumed["next_run"] == train["next_run"]
+
+
+async def test_the_real_scheduler_fires_one_run_at_a_time(tmp_path: Path, tiny_engine: Path) -> None:
+    # Too little data on purpose: each run ends at once as skipped, which is enough to count firings.
+    cfg = make_config(tmp_path, tiny_engine, train={"min_images": 10_000})
+    worker = EngineWorker()
+    engine = await prepare_engine(worker, cfg.engines_dir / "tiny", cfg.engine)
+    tasks: list[asyncio.Task[None]] = []
+
+    def spawn(name: str, coro: Any, **_: Any) -> asyncio.Task[None]:
+        tasks.append(asyncio.create_task(coro, name=name))
+        return tasks[-1]
+
+    scheduler = TrainScheduler(cfg, worker, ServingEngine(engine), spawn)
+    scheduler.start(trigger=IntervalTrigger(seconds=1))
+    deadline = time.monotonic() + 30
+    while len([t for t in tasks if t.done()]) < 2:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.05)
+    await scheduler.stop()
+    assert scheduler.last is not None and scheduler.last["trigger"] == "schedule"
+    assert scheduler.last["result"] == "skipped"
+    starts = sorted(t.get_name() for t in tasks)
+    assert len(starts) == len(set(starts))  # distinct runs, never two at once
+    await worker.run(engine.close)
+    await worker.close()
+
+
+# --- a real daemon process ------------------------------------------------------------------------
+
+
+def _image_folder(root: Path, demo_data: Path, broken: int | None) -> None:
+    blobs = [row["bytes"] for p in sorted((demo_data / "data").glob("*.parquet"))
+             for row in pq.read_table(p).column("image").to_pylist()][:60]  # fmt: skip
+    for label in ("0", "1"):
+        (root / label).mkdir(parents=True, exist_ok=True)
+    for i, blob in enumerate(blobs):
+        # A JPEG whose header opens (the scan accepts it) but whose data stops a third of the way.
+        (root / str(i % 2) / f"{i}.jpg").write_bytes(blob[: len(blob) // 3] if i == broken else blob)
+
+
+FOLDER_TRAIN = """
+[train]
+min_images = 20
+views = 2
+holdout_views = 1
+slice_images = 1
+holdout_permille = 200
+validation_permille = 200
+[[train.sources]]
+kind = "image_folder"
+path = "folder"
+"""
+
+
+def _cli(daemon: DaemonProcess, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "svd", "--config", str(daemon.config), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+
+
+@pytest.mark.parametrize("daemon", [FOLDER_TRAIN], indirect=True)
+async def test_a_failing_run_is_shown_and_serving_goes_on(
+    daemon: DaemonProcess, demo_data: Path, jpegs_b64: list[str]
+) -> None:
+    _image_folder(daemon.config.parent / "folder", demo_data, broken=7)
+    assert (await query(daemon.port, daemon.hotkey, jpegs_b64[0]))[0] == 200
+    done = _cli(daemon, "train", "now", "--wait", "--json")
+    assert done.returncode == 1, done.stderr
+    last = json.loads(done.stdout)
+    assert last["result"] == "failed" and "truncated" in last["reason"], last
+    assert (await query(daemon.port, daemon.hotkey, jpegs_b64[1]))[0] == 200
+    text = _cli(daemon, "status").stdout
+    assert "failed" in text and "training" in text
+    assert daemon.proc.poll() is None
+
+
+@pytest.mark.parametrize("daemon", [FOLDER_TRAIN], indirect=True)
+async def test_a_killed_run_leaves_no_engine_and_the_restarted_daemon_serves(
+    daemon: DaemonProcess, demo_data: Path, jpegs_b64: list[str]
+) -> None:
+    _image_folder(daemon.config.parent / "folder", demo_data, broken=None)
+    cfg = load_config(daemon.config)
+    started = _cli(daemon, "train", "now", "--json")
+    assert started.returncode == 0, started.stderr
+    deadline = time.monotonic() + WAIT_S
+    while True:  # kill it mid-run, once the feature pass is going
+        running = call(cfg.socket_path, "status")["train"]["running"]
+        if running and running["stage"] == "features" and running["done"] > 0:
+            break
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.05)
+    os.kill(daemon.proc.pid, signal.SIGKILL)
+    daemon.proc.wait(30)
+    engines = sorted(p.name for p in cfg.engines_dir.iterdir() if not p.name.startswith("."))
+    assert engines == ["tiny"]
+    for report in cfg.train_dir.glob("*"):
+        assert report.name.startswith(".") or (report / "report.json").is_file()
+    log = open(daemon.config.parent / "daemon2.log", "w")  # noqa: SIM115
+    proc = subprocess.Popen([sys.executable, "-m", "svd", "--config", str(daemon.config), "run"], stdout=log,
+                            stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                snap = call(cfg.socket_path, "status")
+                break
+            except (OSError, RuntimeError):
+                assert time.monotonic() < deadline and proc.poll() is None
+                await asyncio.sleep(0.1)
+        assert snap["engine"]["name"] == "tiny" and snap["state"] == "serving"
+        assert (await query(daemon.port, daemon.hotkey, jpegs_b64[0]))[0] == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+        log.close()
