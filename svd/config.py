@@ -280,6 +280,20 @@ class SamplesConfig:
 
 
 @dataclass(frozen=True)
+class RegisterConfig:
+    # NATIX's application server, where `svd register` registers the miner (the subnet's register.sh).
+    base_url: str = "https://hydra.natix.network"
+
+    def validate(self) -> None:
+        _check(
+            self.base_url.startswith(("http://", "https://")) and len(self.base_url) > 8,
+            "register.base_url",
+            "an http:// or https:// URL",
+            self.base_url,
+        )
+
+
+@dataclass(frozen=True)
 class TrainSource:
     """One training data source (docs/training.md)."""
 
@@ -376,6 +390,7 @@ class Config:
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     samples: SamplesConfig = field(default_factory=SamplesConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    register: RegisterConfig = field(default_factory=RegisterConfig)
     # Relative paths in the config resolve against this directory.
     base_dir: Path = field(default_factory=Path.cwd)
 

@@ -267,7 +267,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="Hugging Face model repo with model_card.json, user/repo (default: from server.model_url)",
     )
     parser.add_argument("--uid", type=int, help="the miner's uid (default: from the running daemon's chain snapshot)")
-    parser.add_argument("--base-url", metavar="URL", help=f"NATIX application server (default: {DEFAULT_BASE_URL})")
+    parser.add_argument("--base-url", metavar="URL", help="NATIX application server (default: register.base_url)")
     parser.add_argument("--poll-interval", type=float, default=POLL_INTERVAL_S, metavar="S", help="between polls")
     parser.add_argument("--timeout", type=float, default=POLL_TIMEOUT_S, metavar="S", help="give up polling after S")
     parser.set_defaults(func=run_register)
@@ -285,7 +285,7 @@ def run_register(args: argparse.Namespace, cfg: Config) -> int:
     except ValueError as e:
         print(f"svd: {e}", file=sys.stderr)
         return 2
-    base_url = (args.base_url or DEFAULT_BASE_URL).rstrip("/")
+    base_url = (args.base_url or cfg.register.base_url).rstrip("/")
     try:
         keypair = _hotkey(cfg)
         uid = args.uid if args.uid is not None else uid_from_daemon(cfg.socket_path, keypair.ss58_address)
