@@ -1,4 +1,4 @@
-"""`svd run|status|swap|rollback|unpin|build-engine|train|demo-data|samples|review|publish|register|bench|swapbench`.
+"""`svd run|status|swap|rollback|unpin|build-engine|train|demo-data|samples|review|publish|register|doctor|bench|...`.
 
 The only place that exits the process."""
 
@@ -25,6 +25,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = _config(args.config)
     except ConfigError as e:
+        from svd.tools.doctor import doctor_config_error, run_doctor
+
+        if args.func is run_doctor:
+            return doctor_config_error(args.config, e, as_json=args.json)
         print(f"svd: invalid configuration: {e}", file=sys.stderr)
         return 2
     result: int = args.func(args, cfg)
@@ -108,6 +112,11 @@ def _parser() -> argparse.ArgumentParser:
 
     register = sub.add_parser("register", help="register the miner with NATIX's application server")
     add_register_arguments(register)
+
+    from svd.tools.doctor import add_arguments as add_doctor_arguments
+
+    doctor = sub.add_parser("doctor", help="check config, state dir, hotkey, port, engine, chain and data; with fixes")
+    add_doctor_arguments(doctor)
 
     from svd.tools.swapbench import add_arguments as add_swapbench_arguments
 
