@@ -30,6 +30,7 @@ from svd.control import ControlServer
 from svd.engine.hotswap import EngineWatcher, HotSwap
 from svd.engine.serving import ServingEngine, engine_to_serve, prepare_engine
 from svd.engine.worker import EngineWorker
+from svd.engine.writer import remove_stale_temp_dirs
 from svd.errors import ShuttingDown
 from svd.notify import Notifier
 from svd.samples.db import DatabaseError
@@ -120,6 +121,8 @@ class Daemon:
         cfg = self.cfg
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
         self._lock = _lock_state_dir(cfg.state_dir)
+        for folder in (cfg.engines_dir, cfg.train_dir):  # what a killed writer left
+            await asyncio.to_thread(remove_stale_temp_dirs, folder)
         hotkey = load_hotkey(cfg.wallet, cfg.state_dir, offline=cfg.auth.mode == "offline")
         self._hotkey = hotkey.ss58_address
         await self._open_samples()

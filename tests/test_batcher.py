@@ -8,7 +8,7 @@ import pytest
 from svd.engine.worker import EngineWorker
 from svd.errors import EngineDead, EngineFailure, Overloaded, RequestTimeout, ShuttingDown
 from svd.serve.batcher import Batcher, Item, collect_batch
-from tests.helpers import FakeEngine
+from tests.helpers import FakeEngine, FakeOutput
 
 FAR = 1e12  # a deadline nobody reaches
 
@@ -258,7 +258,7 @@ async def test_background_slices_never_run_between_batches_while_requests_wait()
             events.append(event)
 
     class TracedEngine(FakeEngine):
-        def infer(self, images: np.ndarray) -> object:
+        def infer(self, images: np.ndarray) -> FakeOutput:
             note("batch")
             return super().infer(images)
 

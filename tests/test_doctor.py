@@ -16,7 +16,8 @@ import pytest
 from bittensor_wallet import Keypair, Wallet
 
 from svd.config import Config, ConfigError, load_config
-from svd.engine.manifest import BACKBONE_PLAN, HEAD, read_manifest, utc_now, write_engine_dir
+from svd.engine.manifest import BACKBONE_PLAN, HEAD, read_manifest, utc_now
+from svd.engine.writer import write_engine_dir
 from svd.samples.db import SCHEMA_VERSION, connect
 from svd.serve.chain import ChainError, ChainSnapshot, ChainSource, Neuron
 from svd.tools.doctor import Check, doctor_config_error, render, run_doctor

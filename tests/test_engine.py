@@ -31,10 +31,10 @@ from svd.engine.manifest import (
     read_manifest,
     sha256_file,
     verify_engine_dir,
-    write_engine_dir,
 )
 from svd.engine.model import feature_dim, tiny_dinov3_config
 from svd.engine.parity import PARITY_MAX_PROB_DIFF, PARITY_MIN_COSINE, gate_parity
+from svd.engine.writer import write_engine_dir
 
 # Small enough for a 2-core CI box, big enough to have registers and 2 blocks.
 TEST_CONFIG = dict(hidden_size=64, num_layers=2, num_heads=2, num_register_tokens=4)
@@ -395,3 +395,19 @@ def test_a_head_engine_is_refused_when_it_cannot_be_what_it_says(engine_copy: Pa
     with pytest.raises(EngineError, match="already exists"):
         write_head_engine(engine_copy, engine_copy, random_head(base.feature_dims), version="1")
     assert sorted(p.name for p in engine_copy.parent.iterdir()) == ["copy"]
+
+
+def test_stale_temp_dirs_of_killed_writers_are_removed_fresh_ones_kept(tmp_path: Path) -> None:
+    import os
+    import time
+
+    from svd.engine.writer import remove_stale_temp_dirs
+
+    old, fresh, engine, other = (tmp_path / n for n in (".demo.abc.tmp", ".demo.def.tmp", "demo", ".cache"))
+    for path in (old, fresh, engine, other):
+        path.mkdir()
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    os.utime(other, (time.time() - 7200, time.time() - 7200))
+    assert remove_stale_temp_dirs(tmp_path) == [old.name]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".cache", ".demo.def.tmp", "demo"]
+    assert remove_stale_temp_dirs(tmp_path / "missing") == []

@@ -42,7 +42,6 @@ from svd.engine.manifest import (
     sha256_file,
     utc_now,
     verify_engine_dir,
-    write_engine_dir,
 )
 from svd.engine.model import (
     DINOV3,
@@ -54,6 +53,7 @@ from svd.engine.model import (
     tiny_dinov3_config,
     tiny_siglip2_config,
 )
+from svd.engine.writer import write_engine_dir
 
 SIZES = dict(hidden_size=64, num_layers=2, num_heads=2)
 # Tolerances of the exported graph (ORT CPU FP32) against torch FP32; measured

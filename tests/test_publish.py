@@ -27,7 +27,8 @@ from bittensor_wallet import Keypair, Wallet
 
 from svd.config import Config, config_from_dict
 from svd.control import ControlServer
-from svd.engine.manifest import BACKBONE_ONNX, HEAD, MANIFEST_NAME, InputSpec, Manifest, write_engine_dir
+from svd.engine.manifest import BACKBONE_ONNX, HEAD, MANIFEST_NAME, InputSpec, Manifest
+from svd.engine.writer import write_engine_dir
 from svd.tools.publish import (
     MODEL_CARD,
     PublishError,

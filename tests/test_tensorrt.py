@@ -33,7 +33,6 @@ from svd.engine.manifest import (
     EngineError,
     read_manifest,
     verify_engine_dir,
-    write_engine_dir,
 )
 from svd.engine.model import (
     DINOV3,
@@ -59,6 +58,7 @@ from svd.engine.plan import (
     plan_supported,
     tensorrt_graph,
 )
+from svd.engine.writer import write_engine_dir
 
 HERE = {"gpu": "NVIDIA H100 80GB HBM3", "arch": "sm_90", "tensorrt": "11.4.0.106"}
 FACTS: dict[str, Any] = {**HERE, "precision": "bf16-linear", "profile": {"min": 1, "opt": 16, "max": 32}}

@@ -38,10 +38,8 @@ from svd.engine.manifest import (
     EngineError,
     Manifest,
     Member,
-    SharedPart,
     read_manifest,
     utc_now,
-    write_engine_dir,
 )
 from svd.engine.model import (
     DINOV3,
@@ -53,6 +51,7 @@ from svd.engine.model import (
     tiny_siglip2_config,
 )
 from svd.engine.parity import check_onnx_parity, gate_parity
+from svd.engine.writer import SharedPart, write_engine_dir
 
 # transformers is the `build` extra: writing a head-only engine (training) must not need it.
 if TYPE_CHECKING:

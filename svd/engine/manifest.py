@@ -9,11 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -215,7 +211,7 @@ def _manifest_from_dict(data: dict[str, Any], source: str) -> Manifest:
     values["created"] = _parse_created(source, data["created"])
     values["backbone_ids"] = tuple(data["backbone_ids"])
     values["input"] = _input_from_dict(source, data["input"])
-    values["parts"] = _parts_from_dict(source, data["parts"])
+    values["parts"] = check_part_names(source, data["parts"])
     values["members"] = _members_from_list(source, data.get("members", []))
     values["threshold"] = float(data.get("threshold", 0.5))
     manifest = Manifest(**values)
@@ -280,7 +276,7 @@ def _input_from_dict(source: str, data: dict[str, Any]) -> InputSpec:
     return InputSpec(**{k: data[k] for k in types})
 
 
-def _parts_from_dict(source: str, data: dict[str, Any]) -> dict[str, str]:
+def check_part_names(source: str, data: dict[str, Any]) -> dict[str, str]:
     for name, digest in data.items():
         # Parts live directly in the engine directory: no paths, no escapes.
         if not name or "/" in name or "\\" in name or name.startswith(".") or name == MANIFEST_NAME:
@@ -333,76 +329,3 @@ def verify_engine_dir(engine_dir: Path) -> Manifest:
 
 def utc_now() -> datetime:
     return datetime.now(UTC)
-
-
-@dataclass(frozen=True)
-class SharedPart:
-    """A part of another engine reused as is: hard-linked where the file system allows
-    (engine files are never written after the rename), else copied; `sha256` is the
-    source manifest's, not recomputed (hot swap verifies every hash before loading)."""
-
-    path: Path
-    sha256: str
-
-
-def write_engine_dir(target: Path, manifest: Manifest, parts: Mapping[str, Path | bytes | SharedPart]) -> Manifest:
-    """Writes an engine directory atomically and returns the manifest as written.
-
-    The parts (bytes, files to copy, or another engine's parts to share) and a
-    manifest carrying their hashes are written into a dot-named temporary
-    directory beside `target`, synced, then renamed to `target`. On any
-    failure the temporary directory is removed.
-
-    Raises:
-        EngineError: if `target` exists or a part name is not a plain file name.
-    """
-    if target.exists():
-        raise EngineError(f"{target}: engine directory already exists; engines are immutable")
-    _parts_from_dict(str(target), {name: "0" * 64 for name in parts})
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{target.name}.", suffix=".tmp", dir=target.parent))
-    try:
-        hashes = {name: _write_part(tmp / name, content) for name, content in parts.items()}
-        written = replace(manifest, parts=hashes)
-        _write_synced(tmp / MANIFEST_NAME, written.to_json().encode("utf-8"))
-        _fsync_dir(tmp)
-        os.rename(tmp, target)
-        _fsync_dir(target.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    log.info("engine_dir_written", path=str(target), parts=sorted(hashes))
-    return written
-
-
-def _write_part(path: Path, content: Path | bytes | SharedPart) -> str:
-    if isinstance(content, SharedPart):
-        try:
-            os.link(content.path, path)
-        except OSError:  # another file system, or links not allowed: a copy
-            shutil.copyfile(content.path, path)
-            with path.open("rb") as f:
-                os.fsync(f.fileno())
-        return content.sha256
-    if isinstance(content, bytes):
-        _write_synced(path, content)
-    else:
-        shutil.copyfile(content, path)
-        with path.open("rb") as f:
-            os.fsync(f.fileno())
-    return sha256_file(path)
-
-
-def _write_synced(path: Path, data: bytes) -> None:
-    with path.open("wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -35,7 +35,8 @@ import numpy as np
 
 from svd.config import Config
 from svd.control import call
-from svd.engine.manifest import BACKBONE_ONNX, HEAD, InputSpec, read_manifest, utc_now, write_engine_dir
+from svd.engine.manifest import BACKBONE_ONNX, HEAD, InputSpec, read_manifest, utc_now
+from svd.engine.writer import write_engine_dir
 from svd.serve import protocol
 
 STAGING = ".swapbench"  # dot-named: the watcher and list_engines() ignore it
