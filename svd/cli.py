@@ -8,22 +8,24 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import structlog
 
-from svd.config import Config, ConfigError, load_config
+from svd.config import DEFAULT_CONFIG, Config, ConfigError, load_config
 from svd.logs import setup_logging
 
 log = structlog.get_logger(__name__)
-DEFAULT_CONFIG = Path("config.toml")
+CONFIG_HELP = "config file (default: ./config.toml if present, else the built-in defaults)"
 SWAP_TIMEOUT_S = 600.0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    args.config_path = _config_path(args.config)
     try:
-        cfg = _config(args.config)
+        cfg = load_config(args.config_path)
     except ConfigError as e:
         from svd.tools.doctor import doctor_config_error, run_doctor
 
@@ -35,12 +37,37 @@ def main(argv: list[str] | None = None) -> int:
     return result
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default, unless there is none to show or its help already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default in (None, False, argparse.SUPPRESS) or "default" in text:
+            return text
+        return super()._get_help_string(action) or text
+
+
+class _Commands:
+    """add_parser with what every command shares: --config (before or after the command's name)
+    and help that shows each option's default."""
+
+    def __init__(self, sub: Any) -> None:
+        self._sub = sub
+        self._common = argparse.ArgumentParser(add_help=False)
+        # SUPPRESS: given after the command it wins; not given, the top level's value stays.
+        self._common.add_argument("--config", type=Path, default=argparse.SUPPRESS, help=CONFIG_HELP)
+
+    def add_parser(self, name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        parser: argparse.ArgumentParser = self._sub.add_parser(
+            name, parents=[self._common], formatter_class=_HelpFormatter, **kwargs
+        )
+        return parser
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="svd", description="NATIX StreetVision miner daemon")
-    parser.add_argument(
-        "-c", "--config", type=Path, default=None, help="config file (default: ./config.toml if present, else built-in)"
-    )
-    sub = parser.add_subparsers(required=True, metavar="COMMAND")
+    parser.add_argument("--config", type=Path, default=None, help=CONFIG_HELP)
+    sub = _Commands(parser.add_subparsers(required=True, metavar="COMMAND"))
 
     run = sub.add_parser("run", help="run the miner daemon")
     run.set_defaults(func=_run)
@@ -125,18 +152,27 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _config(path: Path | None) -> Config:
+def _config_path(path: Path | None) -> Path | None:
+    """The config file in use: --config, else ./config.toml if there is one, else None (built-in defaults)."""
     if path is None and DEFAULT_CONFIG.is_file():
-        path = DEFAULT_CONFIG
-    return load_config(path)
+        return DEFAULT_CONFIG
+    return path
 
 
 def _run(args: argparse.Namespace, cfg: Config) -> int:
-    from svd.daemon import Daemon, StartupError
+    from svd.daemon import Daemon
     from svd.engine.load import EngineError
+    from svd.process import StartupError
     from svd.serve.wallet import WalletError
 
     setup_logging(cfg.daemon.log_level, cfg.daemon.log_format)
+    where = str(args.config_path.resolve()) if args.config_path else "built-in defaults"
+    log.info("config", path=where, state_dir=str(cfg.state_dir), engines_dir=str(cfg.engines_dir))
+    if args.config_path is None:
+        log.warning(
+            "no_config_file",
+            hint=f"no --config and no ./config.toml: running on the built-in defaults with state in {cfg.state_dir}",
+        )
     try:
         return Daemon(cfg).run()
     except (StartupError, WalletError, EngineError, OSError) as e:
@@ -151,7 +187,16 @@ def _status(args: argparse.Namespace, cfg: Config) -> int:
     try:
         snapshot = call(cfg.socket_path, "status")
     except (OSError, RuntimeError) as e:
-        print(f"svd: no daemon answers on {cfg.socket_path}: {e}", file=sys.stderr)
+        where = str(args.config_path) if args.config_path else "the built-in defaults"
+        if args.json:
+            print(json.dumps({"running": False, "socket": str(cfg.socket_path), "config": where, "error": str(e)}))
+        else:
+            print(
+                f"svd is not running for the state dir {cfg.state_dir} (config: {where}; nothing answers on "
+                f"{cfg.socket_path}: {e}).\nStart it with `svd run` (or `systemctl start svd`), or point --config "
+                "at the config the daemon runs with.",
+                file=sys.stderr,
+            )
         return 1
     print(json.dumps(snapshot, indent=2) if args.json else render_table(snapshot))
     return 0

@@ -28,6 +28,8 @@ from bittensor_wallet import Keypair
 # offline default lets a fresh checkout benchmark itself. Never trust it online.
 DEV_HOTKEY = "5GrwvaEF5zXb26Fz9rcQpDWS57CtERHpNehXCPcNoHGKutQY"
 SS58_LEN = 48
+# The config file every command uses when given no --config, if it is there.
+DEFAULT_CONFIG = Path("config.toml")
 IMAGE_FORMATS = ("JPEG", "PNG", "WEBP")
 
 
@@ -254,6 +256,9 @@ class SamplesConfig:
     # Retention keeps human-reviewed samples (review_label set) unless this is true.
     # Testnet-labelled samples are deleted like any other, oldest first.
     retention_deletes_reviewed: bool = False
+    # Answers to the development key (//Alice, what `svd bench` signs with) are benchmark
+    # traffic, not validators' images: not kept unless this is true.
+    keep_dev_key: bool = False
 
     def validate(self) -> None:
         _check(0.0 <= self.band_low <= 1.0, "samples.band_low", "a number in [0, 1]", self.band_low)
@@ -277,6 +282,18 @@ class SamplesConfig:
         )
         _check(self.max_samples >= 1, "samples.max_samples", "an integer >= 1", self.max_samples)
         _check(self.max_bytes >= 1_000_000, "samples.max_bytes", "an integer >= 1000000", self.max_bytes)
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    # Prometheus metrics at http://host:port/metrics; localhost only unless you open it on purpose.
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = 9591
+
+    def validate(self) -> None:
+        _check(0 <= self.port <= 65535, "metrics.port", "an integer 0..65535", self.port)
+        _check(bool(self.host), "metrics.host", "an address to listen on", self.host)
 
 
 @dataclass(frozen=True)
@@ -391,6 +408,7 @@ class Config:
     samples: SamplesConfig = field(default_factory=SamplesConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     register: RegisterConfig = field(default_factory=RegisterConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     # Relative paths in the config resolve against this directory.
     base_dir: Path = field(default_factory=Path.cwd)
 

@@ -11,13 +11,12 @@ reverse, bounded; queued samples are written before exit.
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import os
 import signal
+import socket
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import IO, Any
 
 import structlog
@@ -32,7 +31,9 @@ from svd.engine.serving import ServingEngine, engine_to_serve, prepare_engine
 from svd.engine.worker import EngineWorker
 from svd.engine.writer import remove_stale_temp_dirs
 from svd.errors import ShuttingDown
+from svd.metrics import MetricsServer
 from svd.notify import Notifier
+from svd.process import StartupError, bind_listener, bounded, lock_state_dir
 from svd.samples.db import DatabaseError
 from svd.samples.log import SampleLog
 from svd.serve.auth import Authenticator, TrustRules
@@ -47,13 +48,7 @@ from svd.train.schedule import TrainScheduler
 log = structlog.get_logger(__name__)
 HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 HEALTH_INTERVAL_S = 5.0
-SHUTDOWN_STEP_S = 5.0
-LOCK_FILE = "svd.lock"
 RETURNED = "returned"  # how a supervised task that ended without an exception is described
-
-
-class StartupError(Exception):
-    """Start-up cannot go on; the message says what to fix."""
 
 
 class Daemon:
@@ -92,6 +87,7 @@ class Daemon:
         self.batcher: Batcher | None = None
         self.hotswap: HotSwap | None = None
         self.trainer: TrainScheduler | None = None
+        self.metrics: MetricsServer | None = None
         self._watcher: EngineWatcher | None = None
         self.frontend: Frontend | None = None
         self.samples: SampleLog | None = None
@@ -99,6 +95,7 @@ class Daemon:
         self._control: ControlServer | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._lock: IO[str] | None = None
+        self._sock: socket.socket | None = None
         self._hotkey = ""
         self.chain: ChainSync | None = None
         self._roster: Callable[[], ChainSnapshot | None] = lambda: None
@@ -120,7 +117,9 @@ class Daemon:
     async def startup(self) -> None:
         cfg = self.cfg
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
-        self._lock = _lock_state_dir(cfg.state_dir)
+        self._lock = lock_state_dir(cfg.state_dir)
+        # Bound now, listened on once ready: a taken port stops start-up before anything slow loads.
+        self._sock = bind_listener(cfg.server.host, cfg.server.port)
         for folder in (cfg.engines_dir, cfg.train_dir):  # what a killed writer left
             await asyncio.to_thread(remove_stale_temp_dirs, folder)
         hotkey = load_hotkey(cfg.wallet, cfg.state_dir, offline=cfg.auth.mode == "offline")
@@ -148,6 +147,11 @@ class Daemon:
         self._control = ControlServer(cfg.socket_path, commands)
         await self._control.start()
         await self._start_listener(hotkey.ss58_address)
+        if cfg.metrics.enabled:
+            self.metrics = MetricsServer(
+                cfg.metrics.host, cfg.metrics.port, lambda: self.snapshot().to_dict(), self.stats
+            )
+            await self.metrics.start()
         if cfg.engine.watch:
             self._watcher = EngineWatcher(self.hotswap, cfg.engines_dir, cfg.engine.watch_debounce_ms)
             self.spawn("engine_watcher", self._watcher.run())
@@ -162,14 +166,17 @@ class Daemon:
         await self.should_exit.wait()
 
     async def shutdown(self) -> None:
+        # After a failed start-up there is nothing to stop: release quietly, the caller reports the failure.
+        served = self.started.is_set()
         self.state = "stopping"
-        self.notifier.stopping()
-        log.info("stopping", in_flight=self.batcher.in_flight if self.batcher else 0)
+        if served:
+            self.notifier.stopping()
+            log.info("stopping", in_flight=self.batcher.in_flight if self.batcher else 0)
         if self.worker is not None:
             # First, so draining requests never waits behind a training slice.
             self.worker.cancel_background()
         if self.trainer is not None:
-            await _bounded(self.trainer.stop(), "training")
+            await bounded(self.trainer.stop(), "training")
         if self._runner is not None:
             # Stops listening and closes idle keep-alive connections, then waits
             # up to the grace period for requests already received: those are served.
@@ -180,33 +187,39 @@ class Daemon:
             if not drain.done():
                 log.warning("forced_exit", in_flight=self.batcher.in_flight if self.batcher else 0)
                 drain.cancel()
-                await _bounded(drain, "listener")
+                await bounded(drain, "listener")
         if self.batcher is not None:
             self.batcher.close(ShuttingDown("miner is shutting down"))
         if self._watcher is not None:
             self._watcher.stop()
         if self.samples is not None:
             # Before the tasks are cancelled: the writer itself writes what is queued, then stops.
-            await _bounded(self.samples.close(), "samples")
+            await bounded(self.samples.close(), "samples")
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
-        await _bounded(asyncio.gather(*tasks, return_exceptions=True), "tasks", stragglers=len(tasks))
+        await bounded(asyncio.gather(*tasks, return_exceptions=True), "tasks", stragglers=len(tasks))
         if self.handle_signals:
             # A signal after this point gets the default action: exit at once.
             loop = asyncio.get_running_loop()
             for sig in HANDLED_SIGNALS:
                 loop.remove_signal_handler(sig)
         if self._control is not None:
-            await _bounded(self._control.close(), "control socket")
+            await bounded(self._control.close(), "control socket")
+        if self.metrics is not None:
+            await bounded(self.metrics.close(), "metrics")
         if self.worker is not None:
             if self.serving is not None:
-                await _bounded(self.worker.run(self.serving.engine.close), "engine")
-            await _bounded(self.worker.close(), "engine worker")
+                await bounded(self.worker.run(self.serving.engine.close), "engine")
+            await bounded(self.worker.close(), "engine worker")
         self.decoder.shutdown(wait=False, cancel_futures=True)
+        if self._sock is not None:  # bound, never handed to the server
+            self._sock.close()
         if self._lock is not None:
             self._lock.close()  # releases the flock
         s = self.stats
+        if not served:
+            return
         log.info(
             "stopped",
             served=s.served,
@@ -350,11 +363,11 @@ class Daemon:
             max_line_size=cfg.server.max_header_bytes,
         )
         await self._runner.setup()
-        site = web.TCPSite(self._runner, cfg.server.host, cfg.server.port, reuse_address=True)
-        await site.start()
-        server = site._server
-        sockets = getattr(server, "sockets", None) or []
-        self.port = sockets[0].getsockname()[1] if sockets else cfg.server.port
+        assert self._sock is not None
+        site = web.SockSite(self._runner, self._sock)
+        await site.start()  # listens; the server owns the socket from here
+        self.port = int(self._sock.getsockname()[1])
+        self._sock = None
 
     async def _health_loop(self) -> None:
         """Ping systemd's watchdog only while the loop and the engine worker both answer."""
@@ -379,28 +392,3 @@ class Daemon:
             self.force_exit.set()  # a second signal: stop waiting for in-flight requests
         log.info("signal_received", signal=sig.name)
         self.should_exit.set()
-
-
-async def _bounded(step: Awaitable[Any], what: str, stragglers: int = 0, timeout_s: float = SHUTDOWN_STEP_S) -> None:
-    """One shutdown step, never longer than timeout_s: exiting beats hanging under systemd."""
-    try:
-        await asyncio.wait_for(step, timeout_s)
-    except (TimeoutError, asyncio.CancelledError):
-        log.warning("shutdown_step_abandoned", step=what, after_s=timeout_s, stragglers=stragglers)
-
-
-def _lock_state_dir(state_dir: Path) -> IO[str]:
-    """One daemon per state dir: a second would take over the control socket and the GPU."""
-    handle = open(state_dir / LOCK_FILE, "a+")  # noqa: SIM115 - held for the daemon's life
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        other = handle.read().strip() or "unknown"
-        handle.close()
-        raise StartupError(f"another svd (pid {other}) is running with state dir {state_dir}") from None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(str(os.getpid()))
-    handle.flush()
-    return handle

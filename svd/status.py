@@ -6,6 +6,7 @@ awaiting the worker), so there are no locks.
 
 from __future__ import annotations
 
+import bisect
 import time
 from collections import Counter, deque
 from dataclasses import asdict, dataclass, field
@@ -15,16 +16,25 @@ import numpy as np
 
 # Percentiles are over the most recent samples, so they follow the present load.
 WINDOW = 10_000
+# Cumulative histogram buckets (seconds) for the metrics endpoint: a validator's 9 s timeout at the top.
+BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 9.0)
 
 
 class Window:
-    """The last WINDOW samples of one timing, in seconds."""
+    """The last WINDOW samples of one timing, in seconds, and a histogram of every sample since start."""
 
     def __init__(self, size: int = WINDOW) -> None:
         self._values: deque[float] = deque(maxlen=size)
+        # Per bucket (the last one is +Inf), not cumulative: one increment per sample.
+        self.bucket_counts = [0] * (len(BUCKETS_S) + 1)
+        self.total_s = 0.0
+        self.count = 0
 
     def add(self, seconds: float) -> None:
         self._values.append(seconds)
+        self.bucket_counts[bisect.bisect_left(BUCKETS_S, seconds)] += 1
+        self.total_s += seconds
+        self.count += 1
 
     def summary_ms(self) -> dict[str, float]:
         if not self._values:

@@ -45,6 +45,10 @@ def make_config(tmp_path: Path, engine: Path | None = None, **sections: dict[str
         "wallet": {"path": str(tmp_path / "no-wallets")},
         "engine": {"build_demo_if_empty": False, "warmup_batch_sizes": [1]},
         "daemon": {"shutdown_grace_s": 5.0, "log_format": "console"},
+        # The tests' validator is //Alice, the development key: keep its samples as a validator's.
+        "samples": {"keep_dev_key": True},
+        # Many daemons at once: each its own metrics port.
+        "metrics": {"port": 0},
     }
     for name, values in sections.items():
         data.setdefault(name, {}).update(values)
@@ -132,6 +136,9 @@ def free_port() -> int:
 
 
 def write_config(tmp_path: Path, port: int, extra: str = "") -> Path:
+    # The tests' validator is //Alice, the development key: keep its samples as a validator's.
+    keep = "[samples]\nkeep_dev_key = true\n"
+    samples = extra.replace("[samples]\n", keep, 1) if "[samples]\n" in extra else keep + extra
     path = tmp_path / "svd.toml"
     path.write_text(
         f"""
@@ -152,7 +159,9 @@ build_demo_if_empty = false
 warmup_batch_sizes = [1]
 [daemon]
 log_format = "json"
-{extra}
+[metrics]
+port = 0
+{samples}
 """
     )
     return path

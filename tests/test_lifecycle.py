@@ -72,7 +72,7 @@ def test_status_without_a_daemon_says_so(tmp_path: Path) -> None:
         [sys.executable, "-m", "svd", "--config", str(config), "status"], capture_output=True, text=True, check=False
     )
     assert result.returncode == 1
-    assert "no daemon answers on" in result.stderr
+    assert "svd is not running" in result.stderr and "nothing answers on" in result.stderr
 
 
 def test_missing_engine_stops_start_up_with_a_clear_message(tmp_path: Path) -> None:

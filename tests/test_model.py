@@ -311,7 +311,7 @@ def test_cli_build_engine_from_head_and_backbone(tmp_path: Path, capsys: pytest.
     config.write_text("")
     checkpoint = tmp_path / "head.safetensors"
     save_file(dict(random_head(128, hidden=8).state_dict()), str(checkpoint))
-    args = ["-c", str(config), "build-engine", "--head", str(checkpoint), "--backbone", "random:siglip2-tiny"]
+    args = ["--config", str(config), "build-engine", "--head", str(checkpoint), "--backbone", "random:siglip2-tiny"]
     assert main([*args, "--name", "sig", "--flip-tta", "--threshold", "0.6"]) == 0
     manifest = verify_engine_dir(tmp_path / "engines" / "sig")
     assert manifest.flip_tta is True and manifest.threshold == 0.6
@@ -322,7 +322,7 @@ def test_cli_build_engine_from_head_and_backbone(tmp_path: Path, capsys: pytest.
     err = capsys.readouterr().err
     assert "head has 1 members, 2 backbone ids given" in err and len(err.strip().splitlines()) == 1
     assert main([*args]) == 2 and "--name NAME" in capsys.readouterr().err
-    assert main(["-c", str(config), "build-engine", "--demo", "--head", str(checkpoint)]) == 2
+    assert main(["--config", str(config), "build-engine", "--demo", "--head", str(checkpoint)]) == 2
     assert not (tmp_path / "engines" / "two").exists()
 
 
@@ -333,7 +333,7 @@ def test_cli_build_engine_without_hub_weights_says_so_in_one_line(tmp_path: Path
     checkpoint = tmp_path / "head.safetensors"
     save_file(dict(random_head(768).state_dict()), str(checkpoint))
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
-    cmd = [sys.executable, "-m", "svd", "-c", str(config), "build-engine", "--head", str(checkpoint)]
+    cmd = [sys.executable, "-m", "svd", "--config", str(config), "build-engine", "--head", str(checkpoint)]
     cmd += ["--backbone", "facebook/dinov3-vits16-pretrain-lvd1689m", "--name", "real"]
     repo = Path(__file__).resolve().parents[1]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=repo, env=env, check=False)

@@ -562,17 +562,12 @@ async def test_a_dead_writer_is_shown_in_status_and_serving_goes_on(
 
 
 async def test_a_task_that_ends_normally_during_shutdown_is_not_a_death(tmp_path: Path, tiny_engine: Path) -> None:
-    import socket
-
     from svd.daemon import Daemon
 
-    taken = socket.socket()
-    taken.bind(("127.0.0.1", 0))
-    taken.listen()
-    cfg = make_config(tmp_path, tiny_engine, server={"host": "127.0.0.1", "port": taken.getsockname()[1]})
+    cfg = make_config(tmp_path, tiny_engine)
+    cfg.socket_path.mkdir(parents=True)  # a folder where the control socket goes
     d = Daemon(cfg, handle_signals=False)
-    # The listener fails after the samples writer started: shutdown ends the writer normally.
+    # The control socket fails after the samples writer started: shutdown ends the writer normally.
     with structlog.testing.capture_logs() as logs, pytest.raises(OSError):
         await d.serve()
-    taken.close()
     assert [e for e in logs if e["event"] == "task_died"] == [] and d.errored is None

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import structlog
 
-from svd.config import SamplesConfig
+from svd.config import DEV_HOTKEY, SamplesConfig
 from svd.engine.manifest import EngineIdentity
 from svd.samples.db import SOURCE_BAND, SOURCE_RANDOM, SOURCE_TESTNET
 from svd.samples.store import Sample, SampleCounters, SampleStore
@@ -140,6 +140,9 @@ class SampleLog:
         """
         c = self.counters
         c.offered += 1
+        if caller_hotkey == DEV_HOTKEY and not self.cfg.keep_dev_key:
+            c.skipped_dev_key += 1
+            return False
         source = self.policy.source(prediction, testnet_label)
         if source is None:
             return False

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import getpass
-import os
 import sqlite3
 import sys
 import time
@@ -307,7 +306,7 @@ def run_import(args: argparse.Namespace, cfg: Config) -> int:
     """`svd review import`: 0, or 1 with a one-line error (nothing written then)."""
     from svd.samples.db import connect_existing
 
-    reviewer = args.reviewer or os.environ.get("USER") or getpass.getuser()
+    reviewer = args.reviewer or getpass.getuser()
     try:
         load_fiftyone()
         # Never migrates: a running daemon of another version owns the schema.

@@ -67,6 +67,7 @@ class Sample:
 @dataclass
 class SampleCounters:
     offered: int = 0
+    skipped_dev_key: int = 0  # benchmark traffic (samples.keep_dev_key)
     kept: int = 0
     dropped_full: int = 0
     dropped_closed: int = 0

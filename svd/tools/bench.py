@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import base64
 import json
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -25,9 +26,12 @@ from svd.config import Config
 from svd.engine.canary import street_jpegs
 from svd.serve import protocol
 
+# Connections refused in a row before a load run gives up: the daemon is gone.
+GONE_AFTER = 20
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--host", default="127.0.0.1", help="the daemon's address")
     p.add_argument("--port", type=int, default=None, help="default: server.port from the config")
     p.add_argument("--axon-hotkey", default=None, help="miner hotkey to sign for (default: asked from the daemon)")
     p.add_argument("--uri", default="//Alice", help="caller keypair URI (must be allowed by the miner)")
@@ -40,15 +44,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-b", "--batch", type=int, default=16, help="raw mode: batch size")
     p.add_argument("--flood-rate", type=float, default=0.0, help="also flood at this rate (per second) meanwhile")
     p.add_argument("--flood-uri", default="//Eve", help="keypair URI of the flooding caller (a refused one)")
+    p.add_argument("--scrape", default=None, metavar="URL", help="also GET this (the metrics endpoint) meanwhile")
+    p.add_argument("--scrape-every", type=float, default=1.0, metavar="S", help="seconds between scrapes")
     p.add_argument("--json", action="store_true", help="print figures as one JSON object")
     p.set_defaults(func=run_bench)
+
+
+class BenchError(Exception):
+    """The benchmark cannot run or go on; the message says why (cli prints it, exits non-zero)."""
 
 
 def load_images(folder: Path | None, n: int = 64) -> list[str]:
     """Base64 JPEGs from `folder`, or generated ones."""
     blobs = [p.read_bytes() for p in sorted(folder.glob("*.jp*g"))] if folder else street_jpegs(n)
     if not blobs:
-        raise SystemExit(f"svd bench: no .jpg files in {folder}")
+        raise BenchError(f"no .jpg files in {folder}")
     return [base64.b64encode(b).decode() for b in blobs]
 
 
@@ -88,6 +98,8 @@ class LoadClient:
         self.images = images
         self.timeout = timeout
         self._next = 0
+        self._refused_in_a_row = 0
+        self.gone = False
 
     async def one(self, session: Any, result: LoadResult | None, started: float | None = None) -> None:
         import aiohttp
@@ -104,7 +116,9 @@ class LoadClient:
             if result is not None:
                 result.sent += 1
                 result.errors[type(e).__name__] += 1
+            self._note_failure(e)
             return
+        self._refused_in_a_row = 0
         if result is None:
             return
         result.sent += 1
@@ -116,6 +130,16 @@ class LoadClient:
             result.bad_predictions += 1
         result.ok += 1
         result.latencies.append(time.perf_counter() - t0)
+
+    def _note_failure(self, error: Exception) -> None:
+        import aiohttp
+
+        if not isinstance(error, aiohttp.ClientConnectorError | aiohttp.ServerDisconnectedError):
+            return
+        self._refused_in_a_row += 1
+        if self._refused_in_a_row >= GONE_AFTER:
+            self.gone = True
+            raise BenchError(f"nothing answers on {self.url} any more ({self._refused_in_a_row} connections failed)")
 
 
 async def closed_loop(client: LoadClient, concurrency: int, warmup: float, duration: float) -> dict[str, Any]:
@@ -143,16 +167,46 @@ async def open_loop(client: LoadClient, rate: float, warmup: float, duration: fl
 
     result = LoadResult()
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
-        tasks = []
+        tasks: list[asyncio.Task[None]] = []
         start = time.perf_counter()
         n_total = int((warmup + duration) * rate)
         for i in range(n_total):
             due = start + i / rate
             await asyncio.sleep(max(0.0, due - time.perf_counter()))
+            if client.gone:  # stop sending into a daemon that is not there
+                break
             counted = result if i >= warmup * rate else None
             tasks.append(asyncio.create_task(client.one(session, counted, started=due)))
         await asyncio.gather(*tasks)
         return result.summary(duration)
+
+
+async def scraped(load: Any, url: str | None, every_s: float) -> dict[str, Any]:
+    """The load's figures; with a URL, also GET it every every_s meanwhile and add the scrapes' timings."""
+    if url is None:
+        figures: dict[str, Any] = await load
+        return figures
+    import aiohttp
+
+    times: list[float] = []
+    task = asyncio.ensure_future(load)
+    async with aiohttp.ClientSession() as session:
+        while not task.done():
+            t0 = time.perf_counter()
+            async with session.get(url) as resp:
+                await resp.read()
+                if resp.status != 200:
+                    raise BenchError(f"{url} answered {resp.status}")
+            times.append(time.perf_counter() - t0)
+            await asyncio.wait([task], timeout=every_s)
+    figures = task.result()
+    ms = np.asarray(times) * 1000
+    figures["scrapes"] = {
+        "n": len(times),
+        "p50_ms": round(float(np.median(ms)), 2),
+        "max_ms": round(float(ms.max()), 2),
+    }
+    return figures
 
 
 async def flooded(
@@ -174,7 +228,7 @@ def raw_ceilings(cfg: Config, images: list[str], batch: int, seconds: float = 5.
 
     path = cfg.engines_dir / cfg.engine.name if cfg.engine.name else newest_engine(cfg.engines_dir)
     if path is None:
-        raise SystemExit(f"svd bench: no engine in {cfg.engines_dir}; run `svd build-engine --demo`")
+        raise BenchError(f"no engine in {cfg.engines_dir}; run `svd build-engine --demo`")
     engine = load_engine(path, backend=cfg.engine.backend, threads=cfg.engine.threads)
     limits = DecodeLimits(cfg.decode.max_image_bytes, cfg.decode.max_pixels, cfg.decode.formats)
     engine.warmup((batch,))
@@ -204,13 +258,23 @@ def _time_calls(fn: Any, seconds: float, batch: int) -> dict[str, float]:
     a = np.asarray(times) * 1000
     return {
         "calls": len(times),
-        "images_per_s": round(batch * len(times) / (a.sum() / 1000), 1),
+        "images_per_s": round(float(batch * len(times) / (a.sum() / 1000)), 1),
         "p50_ms": round(float(np.percentile(a, 50)), 2),
         "p99_ms": round(float(np.percentile(a, 99)), 2),
     }
 
 
 def run_bench(args: argparse.Namespace, cfg: Config) -> int:
+    try:
+        figures = _bench(args, cfg)
+    except BenchError as e:
+        print(f"svd bench: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(figures) if args.json else _render(figures))
+    return 0
+
+
+def _bench(args: argparse.Namespace, cfg: Config) -> dict[str, Any]:
     images = load_images(args.images)
     if args.raw:
         figures = raw_ceilings(cfg, images, args.batch, seconds=args.duration)
@@ -222,13 +286,14 @@ def run_bench(args: argparse.Namespace, cfg: Config) -> int:
             flooder = LoadClient(client.url, hotkey, args.flood_uri, images)
             figures = asyncio.run(flooded(client, args.rate or 10.0, flooder, args.flood_rate, args))
         elif args.rate > 0:
-            figures = asyncio.run(open_loop(client, args.rate, args.warmup, args.duration))
+            run = open_loop(client, args.rate, args.warmup, args.duration)
+            figures = asyncio.run(scraped(run, args.scrape, args.scrape_every))
             figures["mode"] = f"open loop, {args.rate}/s"
         else:
-            figures = asyncio.run(closed_loop(client, args.concurrency, args.warmup, args.duration))
+            run = closed_loop(client, args.concurrency, args.warmup, args.duration)
+            figures = asyncio.run(scraped(run, args.scrape, args.scrape_every))
             figures["mode"] = f"closed loop, concurrency {args.concurrency}"
-    print(json.dumps(figures) if args.json else _render(figures))
-    return 0
+    return figures
 
 
 def _daemon_hotkey(cfg: Config) -> str:
@@ -237,7 +302,10 @@ def _daemon_hotkey(cfg: Config) -> str:
     try:
         return str(call(cfg.socket_path, "status")["hotkey"])
     except (OSError, RuntimeError) as e:
-        raise SystemExit(f"svd bench: pass --axon-hotkey, or run it beside the daemon ({e})") from None
+        raise BenchError(
+            f"no svd daemon answers on {cfg.socket_path} ({e}): start `svd run` first, or point --config at the "
+            "daemon's config; for a daemon on another host, pass --host, --port and --axon-hotkey"
+        ) from None
 
 
 def _render(figures: dict[str, Any]) -> str:

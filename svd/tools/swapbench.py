@@ -23,6 +23,7 @@ import functools
 import json
 import os
 import shutil
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -282,7 +283,7 @@ def _figures(requests: Requests, windows: list[tuple[float, float]], steps: list
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--host", default="127.0.0.1", help="the daemon's address")
     p.add_argument("--port", type=int, default=None, help="default: server.port from the config")
     p.add_argument("--uri", default="//Alice", help="caller keypair URI (must be allowed by the miner)")
     p.add_argument("-c", "--concurrency", type=int, default=8, help="requests in flight")
@@ -298,12 +299,12 @@ def run_swapbench(args: argparse.Namespace, cfg: Config) -> int:
     try:
         status = call(cfg.socket_path, "status")
     except (OSError, RuntimeError) as e:
-        raise SystemExit(f"svd swapbench: run it beside a running daemon ({e})") from None
+        return _refuse(f"no svd daemon answers on {cfg.socket_path} ({e}): run it beside a running daemon")
     if not cfg.engine.watch:
-        raise SystemExit("svd swapbench: needs [engine] watch = true in the daemon's config")
+        return _refuse("needs [engine] watch = true in the daemon's config")
     if 0 < cfg.engine.keep < SWAPS + 1:
         # The daemon would prune the serving engine's predecessors, yours among them, mid-run.
-        raise SystemExit(f"svd swapbench: needs [engine] keep = 0 or >= {SWAPS + 1} (it is {cfg.engine.keep})")
+        return _refuse(f"needs [engine] keep = 0 or >= {SWAPS + 1} (it is {cfg.engine.keep})")
     port = args.port or cfg.server.port
     figures = asyncio.run(
         run_swaps(
@@ -328,3 +329,8 @@ def run_swapbench(args: argparse.Namespace, cfg: Config) -> int:
             )
         print("\n".join(f"{k:20} {v}" for k, v in figures.items()))
     return 0 if figures["failed"] == 0 and figures["all_as_expected"] else 1
+
+
+def _refuse(why: str) -> int:
+    print(f"svd swapbench: {why}", file=sys.stderr)
+    return 1

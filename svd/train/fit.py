@@ -91,6 +91,13 @@ class FitResult:
         }
 
 
+def warm_optimiser() -> None:
+    """The first AdamW a process makes imports torch._dynamo (over a second): do it here, off the
+    engine thread, so no fit slice pays for it. Run it in a thread before submitting fit_head()."""
+    param = torch.nn.Parameter(torch.zeros(1))
+    torch.optim.AdamW([param], lr=1e-3)
+
+
 def fit_head(
     train: FeatureSet, val: FeatureSet, dims: Sequence[int], cfg: FitConfig, device: str = "cpu"
 ) -> Generator[Progress, None, FitResult]:

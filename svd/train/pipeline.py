@@ -42,7 +42,7 @@ from svd.train.features import (
     render_views,
     training_pool,
 )
-from svd.train.fit import FeatureSet, FitConfig, FitResult, fit_head, head_probs
+from svd.train.fit import FeatureSet, FitConfig, FitResult, fit_head, head_probs, warm_optimiser
 from svd.train.gate import GateConfig, Verdict, judge
 from svd.train.report import append_history, read_history, write_report
 from svd.train.sources import SCANNERS, SourceSpec
@@ -196,6 +196,7 @@ class TrainRun:
             tc.slice_ms,
         )
         dims = self.engine.manifest.feature_dims
+        await asyncio.to_thread(warm_optimiser)
         fitting = fit_head(sets["train"], sets["validation"], dims, fit_cfg, self.device)
         fitted: FitResult = await self._background("fit", fitting)
         self._report["fit"] = {**fitted.summary(), "history": fitted.history}

@@ -13,6 +13,7 @@ resuming lets both go on.
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from collections.abc import Callable
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -61,6 +62,7 @@ class TrainScheduler:
         self._task: asyncio.Task[None] | None = None
         self.last: dict[str, Any] | None = None
         self.paused = False
+        self.runs: Counter[str] = Counter()  # results since start
 
     def start(self, trigger: BaseTrigger | None = None) -> None:
         """Reads the last run from history and starts the cron (when [train] is enabled).
@@ -134,6 +136,7 @@ class TrainScheduler:
             "next_run": self._next_run(),
             "running": running,
             "last": self.last,
+            "runs": dict(self.runs),
         }
 
     async def stop(self) -> None:
@@ -157,6 +160,7 @@ class TrainScheduler:
     async def _run(self, run: TrainRun) -> None:
         state = await run.run()
         self.last = state.summary()
+        self.runs[str(state.result)] += 1
 
     def _next_run(self) -> str | None:
         if self._scheduler is None or self.paused:

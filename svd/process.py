@@ -1,0 +1,82 @@
+"""The daemon's hold on its host: one daemon per state dir, the listening socket, bounded shutdown steps."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import fcntl
+import os
+import socket
+from collections.abc import Awaitable
+from pathlib import Path
+from typing import IO, Any
+
+import structlog
+
+log = structlog.get_logger(__name__)
+LOCK_FILE = "svd.lock"
+SHUTDOWN_STEP_S = 5.0
+
+
+class StartupError(Exception):
+    """Start-up cannot go on; the message says what to fix."""
+
+
+async def bounded(step: Awaitable[Any], what: str, stragglers: int = 0, timeout_s: float = SHUTDOWN_STEP_S) -> None:
+    """One shutdown step, never longer than timeout_s: exiting beats hanging under systemd.
+
+    A step that fails is logged and the next one runs: one broken step must not
+    leave the rest (the engine, the lock, the socket) unreleased.
+    """
+    try:
+        await asyncio.wait_for(step, timeout_s)
+    except (TimeoutError, asyncio.CancelledError):
+        log.warning("shutdown_step_abandoned", step=what, after_s=timeout_s, stragglers=stragglers)
+    except Exception as e:
+        log.error("shutdown_step_failed", step=what, error=repr(e))
+
+
+def bind_listener(host: str, port: int) -> socket.socket:
+    """The listening socket, bound (not yet listening).
+
+    Raises:
+        StartupError: naming server.port when the address is taken, server.host when it cannot be bound.
+    """
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except socket.gaierror as e:
+        raise StartupError(f"server.host: cannot resolve {host!r} ({e})") from None
+    sock = socket.socket(family, kind, proto)
+    # As aiohttp's reuse_address: a restart binds over the last run's TIME_WAIT connections.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise StartupError(
+                f"server.port: {host}:{port} is in use by another process; stop it, or set server.port "
+                "(and chain.advertise_port when online) to a free port"
+            ) from None
+        raise StartupError(f"server.host/server.port: cannot bind {host}:{port}: {e.strerror}") from None
+    sock.setblocking(False)
+    return sock
+
+
+def lock_state_dir(state_dir: Path) -> IO[str]:
+    """One daemon per state dir: a second would take over the control socket and the GPU."""
+    handle = open(state_dir / LOCK_FILE, "a+")  # noqa: SIM115 - held for the daemon's life
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        other = handle.read().strip() or "unknown"
+        handle.close()
+        raise StartupError(f"another svd (pid {other}) is running with state dir {state_dir}") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(str(os.getpid()))
+    handle.flush()
+    return handle
