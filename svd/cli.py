@@ -5,6 +5,7 @@ The only place that exits the process."""
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -18,6 +19,17 @@ from svd.logs import setup_logging
 log = structlog.get_logger(__name__)
 CONFIG_HELP = "config file (default: ./config.toml if present, else the built-in defaults)"
 SWAP_TIMEOUT_S = 600.0
+TOOL_COMMANDS = (
+    ("bench", "load generator and raw engine ceilings", "svd.tools.bench"),
+    ("samples", "stored samples by band, label, source and day; export a selection", "svd.samples.cli"),
+    ("review", "label stored samples in the FiftyOne App: export, then import", "svd.samples.review"),
+    ("train", "the learning loop: run now, pause, resume, status; or --standalone", "svd.train.cli"),
+    ("demo-data", "write a generated street-scene data set in the NATIX parquet format", "svd.train.demo_data"),
+    ("publish", "upload the serving engine's head, manifest and model_card.json to HF", "svd.tools.publish"),
+    ("register", "register the miner with NATIX's application server", "svd.tools.register"),
+    ("doctor", "check config, state dir, hotkey, port, engine, chain and data; with fixes", "svd.tools.doctor"),
+    ("swapbench", "ten engine swaps and a rollback under load; longest pause", "svd.tools.swapbench"),
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,51 +116,10 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--threshold", type=float, default=0.5, help="decision threshold on the calibrated prob")
     build.set_defaults(func=_build_engine)
 
-    from svd.tools.bench import add_arguments as add_bench_arguments
-
-    bench = sub.add_parser("bench", help="load generator and raw engine ceilings")
-    add_bench_arguments(bench)
-
-    from svd.samples.cli import add_arguments as add_samples_arguments
-
-    samples = sub.add_parser("samples", help="stored samples by band, label, source and day; export a selection")
-    add_samples_arguments(samples)
-
-    # svd.review imports FiftyOne only when a review command runs (the `review` extra).
-    from svd.samples.review import add_arguments as add_review_arguments
-
-    review = sub.add_parser("review", help="label stored samples in the FiftyOne App: export, then import")
-    add_review_arguments(review)
-
-    from svd.train.cli import add_arguments as add_train_arguments
-
-    train = sub.add_parser("train", help="the learning loop: run now, pause, resume, status; or --standalone")
-    add_train_arguments(train)
-
-    from svd.train.demo_data import add_arguments as add_demo_data_arguments
-
-    demo = sub.add_parser("demo-data", help="write a generated street-scene data set in the NATIX parquet format")
-    add_demo_data_arguments(demo)
-
-    from svd.tools.publish import add_arguments as add_publish_arguments
-
-    publish = sub.add_parser("publish", help="upload the serving engine's head, manifest and model_card.json to HF")
-    add_publish_arguments(publish)
-
-    from svd.tools.register import add_arguments as add_register_arguments
-
-    register = sub.add_parser("register", help="register the miner with NATIX's application server")
-    add_register_arguments(register)
-
-    from svd.tools.doctor import add_arguments as add_doctor_arguments
-
-    doctor = sub.add_parser("doctor", help="check config, state dir, hotkey, port, engine, chain and data; with fixes")
-    add_doctor_arguments(doctor)
-
-    from svd.tools.swapbench import add_arguments as add_swapbench_arguments
-
-    swapbench = sub.add_parser("swapbench", help="ten engine swaps and a rollback under load; longest pause")
-    add_swapbench_arguments(swapbench)
+    # Commands whose module owns its arguments: (name, help, module with add_arguments()).
+    # Each module imports its heavy libraries only when its command runs.
+    for name, help_text, module in TOOL_COMMANDS:
+        importlib.import_module(module).add_arguments(sub.add_parser(name, help=help_text))
     return parser
 
 

@@ -171,3 +171,33 @@ def load_hotkey_from_status(config: Path) -> str:
     from svd.control import call
 
     return str(call(load_config(config).socket_path, "status")["hotkey"])
+
+
+# [train] for tests: small heads, two views, splits big enough to judge on a few hundred images.
+TRAIN_SMALL: dict[str, Any] = {
+    "views": 2,
+    "holdout_views": 2,
+    "min_images": 20,
+    "slice_images": 16,
+    "hidden": 32,
+    "max_epochs": 80,
+    "patience": 10,
+    "holdout_permille": 200,
+    "validation_permille": 200,
+    "threads": 2,
+}
+
+
+def image_folder(root: Path, demo_data: Path, count: int, broken: int | None = None) -> None:
+    """`count` of the generated scenes as an image-folder source (<root>/<0|1>/N.jpg), labels alternating.
+
+    broken: the index of one JPEG cut to a third: its header opens (a scan accepts it), its data does not.
+    """
+    import pyarrow.parquet as pq
+
+    blobs = [row["bytes"] for p in sorted((demo_data / "data").glob("*.parquet"))
+             for row in pq.read_table(p).column("image").to_pylist()][:count]  # fmt: skip
+    for label in ("0", "1"):
+        (root / label).mkdir(parents=True, exist_ok=True)
+    for i, blob in enumerate(blobs):
+        (root / str(i % 2) / f"{i}.jpg").write_bytes(blob[: len(blob) // 3] if i == broken else blob)

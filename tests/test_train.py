@@ -26,20 +26,7 @@ from svd.engine.serving import prepare_engine
 from svd.engine.worker import EngineWorker
 from svd.train.pipeline import RunState, TrainRun
 from svd.train.report import PLOTS, REPORT, read_history
-from tests.helpers import make_config
-
-TRAIN = {
-    "views": 2,
-    "holdout_views": 2,
-    "min_images": 20,
-    "slice_images": 16,
-    "hidden": 32,
-    "max_epochs": 80,
-    "patience": 10,
-    "holdout_permille": 200,
-    "validation_permille": 200,
-    "threads": 2,
-}
+from tests.helpers import TRAIN_SMALL, image_folder, make_config
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +48,7 @@ def shuffled_data(demo_data: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 
 def train_config(tmp_path: Path, engine: Path, data: Path, **train: Any) -> Config:
     sources = [{"kind": "natix_parquet", "path": str(data)}]
-    return make_config(tmp_path, engine, train={**TRAIN, "sources": sources, **train})
+    return make_config(tmp_path, engine, train={**TRAIN_SMALL, "sources": sources, **train})
 
 
 @pytest.fixture
@@ -138,15 +125,9 @@ async def test_a_broken_image_fails_the_run_and_serving_goes_on(
     tmp_path: Path, tiny_engine: Path, demo_data: Path, worker: EngineWorker
 ) -> None:
     folder = tmp_path / "folder"
-    for label in ("0", "1"):
-        (folder / label).mkdir(parents=True)
-    # A JPEG whose header opens (the scan accepts it) but whose data stops half way.
-    good = next((demo_data / "data").glob("*.parquet"))
-    blobs = [row["bytes"] for row in pq.read_table(good).column("image").to_pylist()[:40]]
-    for i, blob in enumerate(blobs):
-        (folder / str(i % 2) / f"{i}.jpg").write_bytes(blob[: len(blob) // 3] if i == 7 else blob)
+    image_folder(folder, demo_data, 40, broken=7)
     cfg = make_config(
-        tmp_path, tiny_engine, train={**TRAIN, "sources": [{"kind": "image_folder", "path": str(folder)}]}
+        tmp_path, tiny_engine, train={**TRAIN_SMALL, "sources": [{"kind": "image_folder", "path": str(folder)}]}
     )
     engine = await serving(worker, cfg)
     state = await TrainRun(cfg, worker, engine, "test").run()

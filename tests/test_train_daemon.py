@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pyarrow.parquet as pq
 import pytest
 from apscheduler.triggers.interval import IntervalTrigger
 
@@ -28,21 +27,9 @@ from svd.control import call
 from svd.engine.serving import ServingEngine, prepare_engine
 from svd.engine.worker import EngineWorker
 from svd.train.schedule import TrainScheduler
-from tests.helpers import DaemonProcess, make_config, running_daemon
+from tests.helpers import TRAIN_SMALL, DaemonProcess, image_folder, make_config, running_daemon
 from tests.test_server import query
 
-TRAIN = {
-    "views": 2,
-    "holdout_views": 2,
-    "min_images": 20,
-    "slice_images": 16,
-    "hidden": 32,
-    "max_epochs": 80,
-    "patience": 10,
-    "holdout_permille": 200,
-    "validation_permille": 200,
-    "threads": 2,
-}
 WAIT_S = 240.0
 
 
@@ -72,7 +59,7 @@ async def test_train_now_promotes_and_hot_swap_serves_it_under_signed_load(
     tmp_path: Path, tiny_engine: Path, demo_data: Path, jpegs_b64: list[str]
 ) -> None:
     sources = [{"kind": "natix_parquet", "path": str(demo_data)}]
-    base = make_config(tmp_path, tiny_engine, train={**TRAIN, "sources": sources})
+    base = make_config(tmp_path, tiny_engine, train={**TRAIN_SMALL, "sources": sources})
     cfg = dataclasses.replace(base, engine=dataclasses.replace(base.engine, watch_debounce_ms=50))
     async with running_daemon(cfg) as d:
         miner = d.snapshot().hotkey
@@ -142,16 +129,6 @@ async def test_the_real_scheduler_fires_one_run_at_a_time(tmp_path: Path, tiny_e
 # --- a real daemon process ------------------------------------------------------------------------
 
 
-def _image_folder(root: Path, demo_data: Path, broken: int | None) -> None:
-    blobs = [row["bytes"] for p in sorted((demo_data / "data").glob("*.parquet"))
-             for row in pq.read_table(p).column("image").to_pylist()][:60]  # fmt: skip
-    for label in ("0", "1"):
-        (root / label).mkdir(parents=True, exist_ok=True)
-    for i, blob in enumerate(blobs):
-        # A JPEG whose header opens (the scan accepts it) but whose data stops a third of the way.
-        (root / str(i % 2) / f"{i}.jpg").write_bytes(blob[: len(blob) // 3] if i == broken else blob)
-
-
 FOLDER_TRAIN = """
 [train]
 min_images = 20
@@ -175,7 +152,7 @@ def _cli(daemon: DaemonProcess, *args: str, timeout: float = 300) -> subprocess.
 async def test_a_failing_run_is_shown_and_serving_goes_on(
     daemon: DaemonProcess, demo_data: Path, jpegs_b64: list[str]
 ) -> None:
-    _image_folder(daemon.config.parent / "folder", demo_data, broken=7)
+    image_folder(daemon.config.parent / "folder", demo_data, 60, broken=7)
     assert (await query(daemon.port, daemon.hotkey, jpegs_b64[0]))[0] == 200
     done = _cli(daemon, "train", "now", "--wait", "--json")
     assert done.returncode == 1, done.stderr
@@ -191,7 +168,7 @@ async def test_a_failing_run_is_shown_and_serving_goes_on(
 async def test_a_killed_run_leaves_no_engine_and_the_restarted_daemon_serves(
     daemon: DaemonProcess, demo_data: Path, jpegs_b64: list[str]
 ) -> None:
-    _image_folder(daemon.config.parent / "folder", demo_data, broken=None)
+    image_folder(daemon.config.parent / "folder", demo_data, 60)
     cfg = load_config(daemon.config)
     started = _cli(daemon, "train", "now", "--json")
     assert started.returncode == 0, started.stderr
