@@ -156,6 +156,9 @@ class EngineConfig:
     name: str = ""
     backend: str = "auto"
     threads: int = 0
+    # ONNX Runtime's idle threads: "while_running" spins during a batch and parks between
+    # batches (docs/benchmarks.md); "off" never spins; "always" is ORT's default.
+    onnx_spin: str = "while_running"
     build_demo_if_empty: bool = True
     warmup_batch_sizes: tuple[int, ...] = (1, 16)
     # Hot swap: serve a newer engine renamed into `dir` (see docs/engine-format.md).
@@ -169,6 +172,8 @@ class EngineConfig:
         backends = ("auto", "tensorrt", "onnx", "torch")
         _check(self.backend in backends, "engine.backend", f"one of {', '.join(backends)}", self.backend)
         _check(0 <= self.threads <= 256, "engine.threads", "an integer 0..256 (0: runtime default)", self.threads)
+        spins = ("off", "while_running", "always")
+        _check(self.onnx_spin in spins, "engine.onnx_spin", f"one of {', '.join(spins)}", self.onnx_spin)
         _check(
             bool(self.warmup_batch_sizes) and all(1 <= b <= 1024 for b in self.warmup_batch_sizes),
             "engine.warmup_batch_sizes",

@@ -332,7 +332,7 @@ def test_plan_that_fails_to_load_falls_back_to_the_engines_onnx(
     monkeypatch.setattr(trt_backend, "unavailable_reason", lambda: None)
     monkeypatch.setattr(trt_backend, "device_facts", lambda device=0: dict(here))
     refused = _PlanThatWillNotLoad()
-    monkeypatch.setitem(select._FACTORIES, "tensorrt", lambda threads: refused)
+    monkeypatch.setitem(select._FACTORIES, "tensorrt", lambda threads, spin: refused)
     manifest = read_manifest(built)
     parts: dict[str, Path | bytes] = {name: built / name for name in manifest.parts}
     parts[BACKBONE_PLAN] = b"a plan this driver cannot read"
@@ -411,3 +411,24 @@ def test_stale_temp_dirs_of_killed_writers_are_removed_fresh_ones_kept(tmp_path:
     assert remove_stale_temp_dirs(tmp_path) == [old.name]
     assert sorted(p.name for p in tmp_path.iterdir()) == [".cache", ".demo.def.tmp", "demo"]
     assert remove_stale_temp_dirs(tmp_path / "missing") == []
+
+
+@pytest.mark.parametrize(
+    ("spin", "allow", "stop"), [("off", "0", None), ("while_running", "1", "1"), ("always", "1", None)]
+)
+def test_onnx_runtime_spins_as_configured(built: Path, spin: str, allow: str, stop: str | None) -> None:
+    from svd.engine.backends.onnx import make_session
+
+    options = make_session(built / BACKBONE_ONNX, spin=spin).get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == allow
+    if stop is not None:
+        assert options.get_session_config_entry("session.force_spinning_stop") == stop
+    with pytest.raises(EngineError, match="spin"):
+        make_session(built / BACKBONE_ONNX, spin="sometimes")
+
+
+def test_the_head_runs_on_one_torch_thread(built: Path) -> None:
+    # More would wake OpenMP threads that spin against ONNX Runtime's for the same cores.
+    torch.set_num_threads(2)
+    load_engine(built).close()
+    assert torch.get_num_threads() == 1

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from svd.engine.backends.base import Backend, blank_images
-from svd.engine.backends.select import open_backend
+from svd.engine.backends.select import DEFAULT_SPIN, open_backend
 from svd.engine.head import Head, numpy_to_tensor
 from svd.engine.manifest import (
     BACKBONE_PLAN,
@@ -208,25 +208,29 @@ def load_engine(
     threads: int = 0,
     manifest: Manifest | None = None,
     reuse: Engine | None = None,
+    spin: str = DEFAULT_SPIN,
 ) -> Engine:
     """Verifies an engine directory and loads its backbone backend and head.
 
     Args:
         path: the engine directory (holding manifest.json).
         backend: "auto", "tensorrt", "onnx" or "torch"; see select_backend().
-        threads: CPU threads for the backend and torch; 0 keeps runtime defaults.
+        threads: CPU threads for the backend (and torch, for the torch backend); 0 keeps runtime defaults.
         manifest: the result of verify_engine_dir(path) when the caller already ran it
             (hashing a large backbone takes seconds; hot swap does it off the engine thread).
         reuse: a loaded engine (the serving one); if its backbone_sha256 equals this
             engine's, its backend is shared instead of loading the backbone again.
+        spin: ONNX Runtime's spin policy ([engine] onnx_spin).
 
     Raises:
         EngineError: the directory fails verification or no backend can load it.
     """
     if manifest is None:
         manifest = verify_engine_dir(path)
-    if threads > 0:
-        torch.set_num_threads(threads)
+    # torch runs the head (a few hundred kFLOPs per image): one thread. More would wake OpenMP
+    # threads that spin against ONNX Runtime's for the same cores (the demo engine at batch 1
+    # on 2 cores: +3 ms a call). The torch backend, the reference, takes the configured threads.
+    torch.set_num_threads(threads if backend == "torch" and threads > 0 else 1)
     head = _load_head(path / HEAD, manifest)
     shared = _reusable(reuse, manifest)
     if shared is not None and reuse is not None:
@@ -234,7 +238,7 @@ def load_engine(
         engine = Engine(path, manifest, shared.acquire(), head)
         engine.plan_unusable = reuse.plan_unusable
         return engine
-    runtime, plan_unusable = open_backend(path, manifest, backend, threads)
+    runtime, plan_unusable = open_backend(path, manifest, backend, threads, spin)
     log.info(
         "engine_loaded",
         engine=manifest.name,

@@ -95,7 +95,7 @@ async def prepare_engine(
     if manifest is None:
         manifest = await asyncio.to_thread(verify_engine_dir, path)
     load = functools.partial(
-        load_engine, path, backend=cfg.backend, threads=cfg.threads, manifest=manifest, reuse=reuse
+        load_engine, path, backend=cfg.backend, threads=cfg.threads, manifest=manifest, reuse=reuse, spin=cfg.onnx_spin
     )
     engine = await worker.run(load)
     try:

@@ -42,6 +42,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--images", type=Path, default=None, help="folder of JPEGs (default: generated)")
     p.add_argument("--raw", action="store_true", help="time decode+engine in-process, no HTTP")
     p.add_argument("-b", "--batch", type=int, default=16, help="raw mode: batch size")
+    p.add_argument(
+        "--onnx-spin", choices=("off", "while_running", "always"), default=None,
+        help="raw mode: ONNX Runtime's spin policy (default: engine.onnx_spin)",
+    )  # fmt: skip
     p.add_argument("--flood-rate", type=float, default=0.0, help="also flood at this rate (per second) meanwhile")
     p.add_argument("--flood-uri", default="//Eve", help="keypair URI of the flooding caller (a refused one)")
     p.add_argument("--scrape", default=None, metavar="URL", help="also GET this (the metrics endpoint) meanwhile")
@@ -221,7 +225,9 @@ async def flooded(
     return figures
 
 
-def raw_ceilings(cfg: Config, images: list[str], batch: int, seconds: float = 5.0) -> dict[str, Any]:
+def raw_ceilings(
+    cfg: Config, images: list[str], batch: int, seconds: float = 5.0, spin: str | None = None
+) -> dict[str, Any]:
     """Time decode+engine and engine alone in this process, as the daemon's worker would."""
     from svd.engine.load import load_engine, newest_engine
     from svd.serve.decode import DecodeLimits, decode_image
@@ -229,7 +235,8 @@ def raw_ceilings(cfg: Config, images: list[str], batch: int, seconds: float = 5.
     path = cfg.engines_dir / cfg.engine.name if cfg.engine.name else newest_engine(cfg.engines_dir)
     if path is None:
         raise BenchError(f"no engine in {cfg.engines_dir}; run `svd build-engine --demo`")
-    engine = load_engine(path, backend=cfg.engine.backend, threads=cfg.engine.threads)
+    spin = spin or cfg.engine.onnx_spin
+    engine = load_engine(path, backend=cfg.engine.backend, threads=cfg.engine.threads, spin=spin)
     limits = DecodeLimits(cfg.decode.max_image_bytes, cfg.decode.max_pixels, cfg.decode.formats)
     engine.warmup((batch,))
     groups = [images[(i * batch) % len(images) :][:batch] for i in range(8)]
@@ -239,7 +246,7 @@ def raw_ceilings(cfg: Config, images: list[str], batch: int, seconds: float = 5.
         engine.infer(np.stack([decode_image(b, limits) for b in groups[i % len(groups)]]))
 
     decoded = [np.stack([decode_image(b, limits) for b in g]) for g in groups]
-    figures = {"engine": engine.name, "backend": engine.backend_name, "batch": batch}
+    figures = {"engine": engine.name, "backend": engine.backend_name, "batch": batch, "onnx_spin": spin}
     figures["decode_plus_engine"] = _time_calls(full, seconds, batch)
     figures["engine_alone"] = _time_calls(lambda i: engine.infer(decoded[i % len(decoded)]), seconds, batch)
     engine.close()
@@ -277,7 +284,7 @@ def run_bench(args: argparse.Namespace, cfg: Config) -> int:
 def _bench(args: argparse.Namespace, cfg: Config) -> dict[str, Any]:
     images = load_images(args.images)
     if args.raw:
-        figures = raw_ceilings(cfg, images, args.batch, seconds=args.duration)
+        figures = raw_ceilings(cfg, images, args.batch, seconds=args.duration, spin=args.onnx_spin)
     else:
         port = args.port or cfg.server.port
         hotkey = args.axon_hotkey or _daemon_hotkey(cfg)

@@ -14,6 +14,14 @@ from svd.engine.manifest import BACKBONE_ONNX, EngineError, Manifest
 
 log = structlog.get_logger(__name__)
 
+# Intra-op threads between the parallel sections of a graph: spinning hands work
+# to a hot thread (batch 1 of the demo engine, 2 cores: ~20 ms against ~25 ms
+# parked), but threads that keep spinning after a run take the cores the event
+# loop and the decode pool need between batches. "while_running" spins during a
+# run and parks the threads the moment it returns (session.force_spinning_stop).
+SPIN_OFF, SPIN_WHILE_RUNNING, SPIN_ALWAYS = "off", "while_running", "always"
+SPINS = (SPIN_OFF, SPIN_WHILE_RUNNING, SPIN_ALWAYS)
+
 INPUT_NAME = "images"
 OUTPUT_NAME = "features"
 
@@ -24,20 +32,27 @@ def available_providers() -> list[str]:
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in providers]
 
 
-def make_session(path: Path, threads: int = 0, providers: Sequence[str] | None = None) -> ort.InferenceSession:
+def make_session(
+    path: Path, threads: int = 0, providers: Sequence[str] | None = None, spin: str = SPIN_WHILE_RUNNING
+) -> ort.InferenceSession:
     """An ORT session as svd serves it (build-time parity uses the same settings).
+
+    Args:
+        spin: whether the intra-op threads spin-wait for work (SPINS).
 
     Raises:
         EngineError: ONNX Runtime rejects the file.
     """
+    if spin not in SPINS:
+        raise EngineError(f"onnx spin {spin!r} is not one of {', '.join(SPINS)}")
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     # One caller thread runs one graph at a time: no use for inter-op threads.
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    # Idle ORT threads would otherwise spin between batches, taking the cores
-    # the event loop and the decode pool need to feed the next batch.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0" if spin == SPIN_OFF else "1")
+    if spin == SPIN_WHILE_RUNNING:
+        options.add_session_config_entry("session.force_spinning_stop", "1")
     chosen = list(providers) if providers is not None else available_providers()
     try:
         return ort.InferenceSession(str(path), sess_options=options, providers=chosen)
@@ -51,19 +66,23 @@ class OnnxBackend:
     Args:
         threads: intra-op threads for the CPU provider; 0 lets ORT choose.
         providers: execution providers in order; default CUDA (if present), CPU.
+        spin: whether idle intra-op threads spin (SPINS).
     """
 
     name = "onnx"
 
-    def __init__(self, threads: int = 0, providers: Sequence[str] | None = None) -> None:
+    def __init__(
+        self, threads: int = 0, providers: Sequence[str] | None = None, spin: str = SPIN_WHILE_RUNNING
+    ) -> None:
         self.threads = threads
+        self.spin = spin
         self.providers = list(providers) if providers is not None else available_providers()
         self._session: ort.InferenceSession | None = None
         self._feature_dim = 0
 
     def load(self, engine_dir: Path, manifest: Manifest) -> None:
         path = require_part(engine_dir, manifest, BACKBONE_ONNX, self.name)
-        session = make_session(path, self.threads, self.providers)
+        session = make_session(path, self.threads, self.providers, self.spin)
         _check_signature(path, session, manifest.feature_dim)
         self._session = session
         self._feature_dim = manifest.feature_dim
@@ -72,6 +91,7 @@ class OnnxBackend:
             path=str(path),
             providers=session.get_providers(),
             threads=self.threads,
+            spin=self.spin,
         )
 
     def warmup(self, batch_sizes: Sequence[int]) -> None:

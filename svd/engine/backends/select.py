@@ -23,6 +23,7 @@ log = structlog.get_logger(__name__)
 
 ORDER = ("tensorrt", "onnx", "torch")
 PREFERENCES = ("auto", *ORDER)
+DEFAULT_SPIN = "while_running"  # backends.onnx.SPIN_WHILE_RUNNING, without importing onnxruntime here
 # Parts each backend needs in the engine directory.
 NEEDS: dict[str, tuple[str, ...]] = {
     "tensorrt": (BACKBONE_PLAN,),
@@ -31,22 +32,22 @@ NEEDS: dict[str, tuple[str, ...]] = {
 }
 
 
-def _make_tensorrt(threads: int) -> Backend:
+def _make_tensorrt(threads: int, spin: str) -> Backend:
     # threads: TensorRT runs on the GPU; the CPU thread count does not apply.
     from svd.engine.backends.tensorrt import TensorRTBackend
 
     return TensorRTBackend()
 
 
-def _make_onnx(threads: int) -> Backend:
+def _make_onnx(threads: int, spin: str) -> Backend:
     try:
         from svd.engine.backends.onnx import OnnxBackend
     except ImportError as exc:
         raise EngineError(f"onnxruntime is not importable ({exc})") from exc
-    return OnnxBackend(threads=threads)
+    return OnnxBackend(threads=threads, spin=spin)
 
 
-def _make_torch(threads: int) -> Backend:
+def _make_torch(threads: int, spin: str) -> Backend:
     # The reference rebuilds the model from its transformers config (`build` extra).
     try:
         import transformers  # noqa: F401
@@ -57,7 +58,8 @@ def _make_torch(threads: int) -> Backend:
     return TorchBackend(threads=threads)
 
 
-_FACTORIES: dict[str, Callable[[int], Backend]] = {
+# Each takes the CPU threads and the ONNX Runtime spin policy ([engine] threads, onnx_spin).
+_FACTORIES: dict[str, Callable[[int, str], Backend]] = {
     "tensorrt": _make_tensorrt,
     "onnx": _make_onnx,
     "torch": _make_torch,
@@ -84,12 +86,15 @@ def _plan_reason(manifest: Manifest | None) -> str | None:
     return reason
 
 
-def choose_backend(preference: str = "auto", threads: int = 0, *, manifest: Manifest | None = None) -> Choice:
+def choose_backend(
+    preference: str = "auto", threads: int = 0, *, manifest: Manifest | None = None, spin: str = DEFAULT_SPIN
+) -> Choice:
     """Returns an unloaded backend (the named one, or the first that works) and the skip reasons.
 
     Args:
         preference: "auto" (TensorRT -> ONNX Runtime -> torch) or one backend name.
         threads: CPU threads for the runtime; 0 leaves its default.
+        spin: ONNX Runtime's spin policy (backends.onnx.SPINS).
         manifest: when given, backends whose parts the engine lacks are skipped,
             and a plan that cannot run on this GPU/TensorRT is skipped with a warning.
 
@@ -108,7 +113,7 @@ def choose_backend(preference: str = "auto", threads: int = 0, *, manifest: Mani
                 raise EngineError(f"engine has no {', '.join(missing)}")
             if name == "tensorrt" and (plan_reason := _plan_reason(manifest)) is not None:
                 raise EngineError(f"plan unusable: {plan_reason}")
-            backend = _FACTORIES[name](threads)
+            backend = _FACTORIES[name](threads, spin)
         except EngineError as exc:
             reasons[name] = str(exc)
             log.info("backend_skipped", backend=name, reason=str(exc))
@@ -125,7 +130,7 @@ def select_backend(preference: str = "auto", threads: int = 0, *, manifest: Mani
 
 
 def open_backend(
-    engine_dir: Path, manifest: Manifest, preference: str = "auto", threads: int = 0
+    engine_dir: Path, manifest: Manifest, preference: str = "auto", threads: int = 0, spin: str = DEFAULT_SPIN
 ) -> tuple[Backend, str | None]:
     """The chosen backend, loaded with the engine's backbone, and why its plan does not serve (or None).
 
@@ -137,7 +142,7 @@ def open_backend(
     Raises:
         EngineError: no backend can load this engine.
     """
-    choice = choose_backend(preference, threads, manifest=manifest)
+    choice = choose_backend(preference, threads, manifest=manifest, spin=spin)
     try:
         choice.backend.load(engine_dir, manifest)
     except EngineError as exc:
@@ -146,7 +151,7 @@ def open_backend(
         choice.backend.close()
         reason = f"plan failed to load: {exc}"
         log.warning("plan_unusable", engine=manifest.name, reason=reason)
-        fallback = choose_backend("onnx", threads, manifest=manifest).backend
+        fallback = choose_backend("onnx", threads, manifest=manifest, spin=spin).backend
         fallback.load(engine_dir, manifest)
         return fallback, reason
     return choice.backend, choice.plan_unusable
