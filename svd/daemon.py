@@ -149,7 +149,7 @@ class Daemon:
         await self._start_listener(hotkey.ss58_address)
         if cfg.metrics.enabled:
             self.metrics = MetricsServer(
-                cfg.metrics.host, cfg.metrics.port, lambda: self.snapshot().to_dict(), self.stats
+                cfg.metrics.host, cfg.metrics.port, lambda: self.snapshot(percentiles=False).to_dict(), self.stats
             )
             await self.metrics.start()
         if cfg.engine.watch:
@@ -273,7 +273,9 @@ class Daemon:
         error = task.exception()
         return repr(error) if error is not None else RETURNED
 
-    def snapshot(self) -> StatusSnapshot:
+    def snapshot(self, percentiles: bool = True) -> StatusSnapshot:
+        """What `svd status` shows. percentiles=False skips the timing percentiles (a few ms of
+        numpy over the windows): the metrics endpoint exports histograms instead."""
         s, b, h, w = self.stats, self.batcher, self.hotswap, self.worker
         errored = self.errored or (b.errored if b else None) or (w.errored if w else None)
         return StatusSnapshot(
@@ -293,9 +295,9 @@ class Daemon:
             in_flight=b.in_flight if b else 0,
             batch_sizes={str(k): v for k, v in sorted(s.batch_sizes.items())},
             batches_failed=s.batches_failed,
-            latency_ms=s.latency.summary_ms(),
-            decode_ms=s.decode_time.summary_ms(),
-            engine_ms=s.engine_time.summary_ms(),
+            latency_ms=s.latency.summary_ms() if percentiles else {},
+            decode_ms=s.decode_time.summary_ms() if percentiles else {},
+            engine_ms=s.engine_time.summary_ms() if percentiles else {},
             samples=self.samples.status() if self.samples else {"enabled": False},
             train=self.trainer.status() if self.trainer else {"enabled": False},
         )
