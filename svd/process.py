@@ -65,16 +65,28 @@ def bind_listener(host: str, port: int) -> socket.socket:
     return sock
 
 
-def lock_state_dir(state_dir: Path) -> IO[str]:
-    """One daemon per state dir: a second would take over the control socket and the GPU."""
-    handle = open(state_dir / LOCK_FILE, "a+")  # noqa: SIM115 - held for the daemon's life
+def try_flock(path: Path) -> tuple[IO[str], bool]:
+    """Opens path (creating it) and tries an exclusive flock without waiting.
+
+    Returns the open handle and whether the lock was taken; the caller keeps the
+    handle open while it holds the lock, or reads the holder's note and closes it.
+    """
+    handle = open(path, "a+")  # noqa: SIM115 - the caller holds it
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
+        return handle, False
+    return handle, True
+
+
+def lock_state_dir(state_dir: Path) -> IO[str]:
+    """One daemon per state dir: a second would take over the control socket and the GPU."""
+    handle, taken = try_flock(state_dir / LOCK_FILE)
+    if not taken:
         handle.seek(0)
         other = handle.read().strip() or "unknown"
         handle.close()
-        raise StartupError(f"another svd (pid {other}) is running with state dir {state_dir}") from None
+        raise StartupError(f"another svd (pid {other}) is running with state dir {state_dir}")
     handle.seek(0)
     handle.truncate()
     handle.write(str(os.getpid()))

@@ -44,6 +44,17 @@ def test_ready_watchdog_status_and_clean_stop(daemon: DaemonProcess, jpegs_b64: 
     assert not load_config(daemon.config).socket_path.exists()
 
 
+def test_a_second_daemon_on_the_same_state_dir_is_refused_and_the_first_serves_on(
+    daemon: DaemonProcess, jpegs_b64: list[str]
+) -> None:
+    second = daemon.cli("run")
+    assert second.returncode == 1
+    # The state dir's lock is taken before the port: the message names the holder, not a busy port.
+    assert f"another svd (pid {daemon.proc.pid}) is running with state dir" in second.stdout, second.stdout
+    assert asyncio.run(_burst(daemon, jpegs_b64[:2])) == [200, 200]
+    assert daemon.cli("status").returncode == 0
+
+
 async def _burst(d: DaemonProcess, images: list[str]) -> list[int]:
     async with aiohttp.ClientSession() as s:
         return list(await asyncio.gather(*(query(s, d, im) for im in images)))

@@ -24,7 +24,8 @@ from svd.engine.load import Engine
 from svd.engine.manifest import HEAD, read_manifest, verify_engine_dir
 from svd.engine.serving import prepare_engine
 from svd.engine.worker import EngineWorker
-from svd.train.pipeline import RunState, TrainRun
+from svd.process import try_flock
+from svd.train.pipeline import LOCK, RunState, TrainRun
 from svd.train.report import PLOTS, REPORT, read_history
 from tests.helpers import TRAIN_SMALL, image_folder, make_config
 
@@ -118,6 +119,23 @@ async def test_too_little_data_is_a_skipped_run_with_a_report(
     state = await TrainRun(cfg, worker, engine, "test").run()
     assert state.result == "skipped" and "too little labelled data" in state.reason
     assert json.loads((Path(state.report or "") / REPORT).read_text())["result"]["result"] == "skipped"
+    await worker.run(engine.close)
+
+
+async def test_a_run_while_another_holds_the_state_dir_is_skipped(
+    tmp_path: Path, tiny_engine: Path, demo_data: Path, worker: EngineWorker
+) -> None:
+    cfg = train_config(tmp_path, tiny_engine, demo_data, min_images=10_000)
+    engine = await serving(worker, cfg)
+    cfg.state_dir.mkdir(parents=True, exist_ok=True)
+    other, taken = try_flock(cfg.state_dir / LOCK)  # as a standalone `svd train run` would hold it
+    assert taken
+    busy = await TrainRun(cfg, worker, engine, "test").run()
+    assert busy.result == "skipped" and "another training run holds" in busy.reason, busy.summary()
+    other.close()
+    # Released: the next run goes past the lock (and stops at the data, as min_images asks).
+    state = await TrainRun(cfg, worker, engine, "test").run()
+    assert state.result == "skipped" and "too little labelled data" in state.reason, state.summary()
     await worker.run(engine.close)
 
 

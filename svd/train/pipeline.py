@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import fcntl
 import time
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from svd.engine.head import Head
 from svd.engine.load import Engine
 from svd.engine.manifest import HEAD
 from svd.engine.worker import BackgroundJob, EngineWorker, Progress
+from svd.process import try_flock
 from svd.train import logged
 from svd.train.features import (
     AS_SERVED,
@@ -354,10 +354,8 @@ def _load_head(engine_dir: Path) -> Head:
 def _take_lock(state_dir: Path) -> IO[str]:
     """One run per state dir, across processes (the daemon's schedule and a standalone run)."""
     state_dir.mkdir(parents=True, exist_ok=True)
-    handle = open(state_dir / LOCK, "a+")  # noqa: SIM115 - held for the run
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    handle, taken = try_flock(state_dir / LOCK)
+    if not taken:
         handle.close()
-        raise RunBusy(f"another training run holds {state_dir / LOCK}") from None
+        raise RunBusy(f"another training run holds {state_dir / LOCK}")
     return handle
