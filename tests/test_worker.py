@@ -180,3 +180,42 @@ async def test_exceptions_of_calls_reach_the_caller(worker: EngineWorker) -> Non
     with pytest.raises(ValueError, match="bad batch"):
         await worker.call(boom)
     assert await worker.ping(1.0) and worker.errored is None
+
+
+async def test_cancelling_the_awaiter_during_the_last_slice_leaves_the_engine_thread_serving(
+    worker: EngineWorker,
+) -> None:
+    # asyncio cancels the job's future with the task awaiting it, from the loop's thread, while
+    # the engine thread may be in the job's last slice and about to hand over the result.
+    in_slice, release = threading.Event(), threading.Event()
+
+    def one_blocking_slice() -> Generator[Progress, None, str]:
+        in_slice.set()
+        release.wait(5.0)
+        return "done"
+        yield Progress(0)  # a generator: its only slice is the one that returns
+
+    job = worker.background("last-slice", one_blocking_slice())
+    waiter = asyncio.create_task(job.wait())
+    await asyncio.to_thread(in_slice.wait, 5.0)
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    assert job.cancelled  # the awaiter's cancellation reached the job
+    release.set()
+    # The slice returns into a cancelled future; the engine thread goes on with the next call.
+    assert await asyncio.wait_for(worker.call(lambda: "batch"), 5.0) == "batch"
+    assert job.state is JobState.DONE and job not in worker.jobs
+    assert worker.errored is None
+
+
+async def test_cancelling_the_awaiter_between_slices_cancels_the_job(worker: EngineWorker) -> None:
+    trace = Trace()
+    job = worker.background("features", slices(trace, 1000, slice_s=0.002))
+    waiter = asyncio.create_task(job.wait())
+    await wait_for_event(trace, "slice3-end")
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    await wait_for_event(trace, "job-finally")
+    assert job.state is JobState.CANCELLED and job.slices < 1000

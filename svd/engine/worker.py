@@ -90,7 +90,8 @@ class BackgroundJob(Generic[T]):
     """A submitted idle-lane job: its progress, its slices' timing, cancel() and the result.
 
     Created by EngineWorker.background(); `await job.wait()` gives the generator's
-    return value, or raises its exception (or CancelledError).
+    return value, or raises its exception (or CancelledError). Cancelling the task
+    that waits cancels the job.
     """
 
     def __init__(self, name: str, slices: Generator[Progress, None, T], future: concurrent.futures.Future[T]) -> None:
@@ -118,7 +119,12 @@ class BackgroundJob(Generic[T]):
         return self._cancel.is_set()
 
     async def wait(self) -> T:
-        return await asyncio.wrap_future(self._future)
+        try:
+            return await asyncio.wrap_future(self._future)
+        except asyncio.CancelledError:
+            # The awaiter gave up (asyncio has cancelled the future too): no slice starts after this.
+            self.cancel()
+            raise
 
     def status(self) -> dict[str, Any]:
         p = self.progress
@@ -318,13 +324,13 @@ class EngineWorker:
             log.info(
                 "background_job_done", job=job.name, slices=job.slices, slice_ms_max=round(job.slice_s_max * 1e3, 2)
             )
-            job._future.set_result(result)
+            _settle(job, result, None)
             return True
         job.state = JobState.FAILED
         job.error = f"{type(error).__name__}: {error}"
         _release_accelerator_cache()
         log.error("background_job_failed", job=job.name, error=job.error, slices=job.slices)
-        job._future.set_exception(error)
+        _settle(job, None, error)
         return True
 
 
@@ -341,6 +347,19 @@ def _run_call(future: concurrent.futures.Future[Any], fn: Callable[[], Any]) -> 
         future.set_exception(exc)
     else:
         future.set_result(result)
+
+
+def _settle(job: BackgroundJob[Any], result: Any, error: BaseException | None) -> None:
+    """A job's outcome to its future, unless its awaiter cancelled that future meanwhile (asyncio
+    cancels a wrapped future with the task awaiting it, from the loop's thread, even while the
+    last slice runs): the engine thread must outlive that race."""
+    try:
+        if error is None:
+            job._future.set_result(result)
+        else:
+            job._future.set_exception(error)
+    except concurrent.futures.InvalidStateError:
+        log.info("background_job_outcome_unread", job=job.name, state=job.state.value)
 
 
 def _finish_cancelled(job: BackgroundJob[Any]) -> None:

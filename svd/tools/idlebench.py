@@ -124,11 +124,7 @@ async def _keep_going(make: Any, stop: asyncio.Event) -> int:
 def _features_unit(worker: EngineWorker, features: Any, images: np.ndarray, size: int, slice_ms: float) -> Any:
     async def one() -> np.ndarray:
         job = worker.background("idlebench features", extract_slices(features, images, size, slice_ms))
-        try:
-            return await job.wait()
-        except asyncio.CancelledError:
-            job.cancel()
-            raise
+        return await job.wait()  # cancelled with this task
 
     return one
 

@@ -301,11 +301,7 @@ class TrainRun:
 
     async def _background(self, name: str, job_slices: Any) -> Any:
         self._job = job = self.worker.background(f"train {self.state.run_id}: {name}", job_slices)
-        try:
-            return await job.wait()
-        except asyncio.CancelledError:
-            job.cancel()
-            raise
+        return await job.wait()  # cancelled with this task
 
     def _stage(self, stage: str) -> None:
         self.state.stage = stage
