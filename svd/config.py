@@ -149,6 +149,12 @@ class WalletConfig:
         _check(bool(self.hotkey), "wallet.hotkey", "a non-empty hotkey name", self.hotkey)
 
 
+# The choices of [engine] backend (after "auto", best first: the order "auto" tries them)
+# and onnx_spin; the engine wing takes them from here.
+ENGINE_BACKENDS = ("auto", "tensorrt", "onnx", "torch")
+ONNX_SPINS = ("off", "while_running", "always")
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     dir: str = "engines"
@@ -169,11 +175,9 @@ class EngineConfig:
     keep: int = 5
 
     def validate(self) -> None:
-        backends = ("auto", "tensorrt", "onnx", "torch")
-        _check(self.backend in backends, "engine.backend", f"one of {', '.join(backends)}", self.backend)
+        _check(self.backend in ENGINE_BACKENDS, "engine.backend", f"one of {', '.join(ENGINE_BACKENDS)}", self.backend)
         _check(0 <= self.threads <= 256, "engine.threads", "an integer 0..256 (0: runtime default)", self.threads)
-        spins = ("off", "while_running", "always")
-        _check(self.onnx_spin in spins, "engine.onnx_spin", f"one of {', '.join(spins)}", self.onnx_spin)
+        _check(self.onnx_spin in ONNX_SPINS, "engine.onnx_spin", f"one of {', '.join(ONNX_SPINS)}", self.onnx_spin)
         _check(
             bool(self.warmup_batch_sizes) and all(1 <= b <= 1024 for b in self.warmup_batch_sizes),
             "engine.warmup_batch_sizes",

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from svd.config import Config
+from svd.config import ONNX_SPINS, Config
 from svd.engine.canary import street_jpegs
 from svd.serve import protocol
 
@@ -43,7 +43,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--raw", action="store_true", help="time decode+engine in-process, no HTTP")
     p.add_argument("-b", "--batch", type=int, default=16, help="raw mode: batch size")
     p.add_argument(
-        "--onnx-spin", choices=("off", "while_running", "always"), default=None,
+        "--onnx-spin", choices=ONNX_SPINS, default=None,
         help="raw mode: ONNX Runtime's spin policy (default: engine.onnx_spin)",
     )  # fmt: skip
     p.add_argument("--flood-rate", type=float, default=0.0, help="also flood at this rate (per second) meanwhile")

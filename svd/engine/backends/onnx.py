@@ -9,6 +9,7 @@ import numpy as np
 import onnxruntime as ort
 import structlog
 
+from svd.config import ONNX_SPINS
 from svd.engine.backends.base import blank_images, require_part
 from svd.engine.manifest import BACKBONE_ONNX, EngineError, Manifest
 
@@ -19,8 +20,8 @@ log = structlog.get_logger(__name__)
 # parked), but threads that keep spinning after a run take the cores the event
 # loop and the decode pool need between batches. "while_running" spins during a
 # run and parks the threads the moment it returns (session.force_spinning_stop).
-SPIN_OFF, SPIN_WHILE_RUNNING, SPIN_ALWAYS = "off", "while_running", "always"
-SPINS = (SPIN_OFF, SPIN_WHILE_RUNNING, SPIN_ALWAYS)
+SPINS = ONNX_SPINS
+SPIN_OFF, SPIN_WHILE_RUNNING, SPIN_ALWAYS = SPINS
 
 INPUT_NAME = "images"
 OUTPUT_NAME = "features"

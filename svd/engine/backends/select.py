@@ -15,15 +15,16 @@ from pathlib import Path
 
 import structlog
 
+from svd.config import ENGINE_BACKENDS, EngineConfig
 from svd.engine.backends.base import Backend
 from svd.engine.backends.tensorrt import plan_usable
 from svd.engine.manifest import BACKBONE_CONFIG, BACKBONE_ONNX, BACKBONE_PLAN, BACKBONE_WEIGHTS, EngineError, Manifest
 
 log = structlog.get_logger(__name__)
 
-ORDER = ("tensorrt", "onnx", "torch")
-PREFERENCES = ("auto", *ORDER)
-DEFAULT_SPIN = "while_running"  # backends.onnx.SPIN_WHILE_RUNNING, without importing onnxruntime here
+PREFERENCES = ENGINE_BACKENDS
+ORDER = tuple(b for b in PREFERENCES if b != "auto")  # what "auto" tries, best first
+DEFAULT_SPIN = EngineConfig.onnx_spin
 # Parts each backend needs in the engine directory.
 NEEDS: dict[str, tuple[str, ...]] = {
     "tensorrt": (BACKBONE_PLAN,),
