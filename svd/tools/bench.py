@@ -247,13 +247,14 @@ def raw_ceilings(
 
     decoded = [np.stack([decode_image(b, limits) for b in g]) for g in groups]
     figures = {"engine": engine.name, "backend": engine.backend_name, "batch": batch, "onnx_spin": spin}
-    figures["decode_plus_engine"] = _time_calls(full, seconds, batch)
-    figures["engine_alone"] = _time_calls(lambda i: engine.infer(decoded[i % len(decoded)]), seconds, batch)
+    figures["decode_plus_engine"] = time_calls(full, seconds, batch)
+    figures["engine_alone"] = time_calls(lambda i: engine.infer(decoded[i % len(decoded)]), seconds, batch)
     engine.close()
     return figures
 
 
-def _time_calls(fn: Any, seconds: float, batch: int) -> dict[str, float]:
+def time_calls(fn: Any, seconds: float, batch: int) -> dict[str, float]:
+    """Calls fn(i) for i = 0, 1, ... for about `seconds` (at least 5 calls), each on `batch` images."""
     times = []
     deadline = time.perf_counter() + seconds
     i = 0

@@ -34,6 +34,7 @@ import numpy as np
 from svd.config import DEFAULT_CONFIG, Config, load_config
 from svd.engine.canary import canary_images, street_jpegs
 from svd.engine.worker import EngineWorker, SliceStats
+from svd.tools.bench import time_calls
 from svd.train.features import extract_slices
 
 
@@ -49,6 +50,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--data", type=Path, default=None, help="train job: a NATIX-format data set (svd demo-data DIR)")
     p.add_argument("-c", "--concurrency", type=int, nargs="+", default=[1, 8], help="load levels (default 1 8)")
     p.add_argument("-d", "--duration", type=float, default=20.0, help="seconds of load per phase (default 20)")
+    p.add_argument("--ceiling-s", type=float, default=5.0, help="seconds spent on each ceiling (default 5)")
     p.add_argument("--dendrite-python", type=Path, default=None, help="a python with bittensor 9.x: real dendrites")
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object")
     return p.parse_args(argv)
@@ -70,24 +72,13 @@ def _bench_config(cfg: Config, job: str, data: Path | None) -> Config:
 
 
 def _timed(fn: Any, images: np.ndarray, size: int, seconds: float) -> dict[str, float]:
-    """Runs on the engine thread: fn over `images` in batches of `size` for about `seconds`."""
-    times, done, i = [], 0, 0
-    deadline = time.perf_counter() + seconds
-    while time.perf_counter() < deadline:
+    """Runs on the engine thread: fn over `images` in full batches of `size` for about `seconds`."""
+
+    def one(i: int) -> None:
         batch = images[(i * size) % len(images) :][:size]
-        if len(batch) < size:
-            batch = images[:size]
-        t0 = time.perf_counter()
-        fn(batch)
-        times.append(time.perf_counter() - t0)
-        done += len(batch)
-        i += 1
-    ms = np.asarray(times) * 1000
-    return {
-        "images_per_s": round(done / float(np.sum(times)), 1),
-        "p50_ms": round(float(np.percentile(ms, 50)), 2),
-        "p99_ms": round(float(np.percentile(ms, 99)), 2),
-    }
+        fn(batch if len(batch) == size else images[:size])
+
+    return time_calls(one, seconds, size)
 
 
 async def _load(args: argparse.Namespace, port: int, hotkey: str, c: int, jpeg_dir: Path) -> dict[str, Any]:
@@ -184,8 +175,8 @@ async def _phases(args: argparse.Namespace, cfg: Config, daemon: Any) -> dict[st
     images = np.concatenate([canary_images(min(64, args.images), seed=s) for s in range(-(-args.images // 64))])
     images = images[: args.images]
     out: dict[str, Any] = {"engine": engine.name, "backend": engine.backend_name, "job": args.job}
-    out["engine_batch1"] = await worker.run(_timed, engine.infer, images, 1, 5.0)
-    out["engine_at_slice"] = await worker.run(_timed, features, images, args.slice, 5.0)
+    out["engine_batch1"] = await worker.run(_timed, engine.infer, images, 1, args.ceiling_s)
+    out["engine_at_slice"] = await worker.run(_timed, features, images, args.slice, args.ceiling_s)
     marks: dict[str, float] = {}
     if args.job == "features":
         make = _features_unit(worker, features, images, args.slice, args.slice_ms)
