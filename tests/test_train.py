@@ -25,6 +25,7 @@ from svd.engine.manifest import HEAD, read_manifest, verify_engine_dir
 from svd.engine.serving import prepare_engine
 from svd.engine.worker import EngineWorker
 from svd.process import try_flock
+from svd.train.features import FEATURES_DB, FeatureCache
 from svd.train.pipeline import LOCK, RunState, TrainRun
 from svd.train.report import PLOTS, REPORT, read_history
 from tests.helpers import TRAIN_SMALL, image_folder, make_config
@@ -68,6 +69,8 @@ async def test_a_run_lifts_the_random_head_and_writes_a_head_engine_then_reuses_
 ) -> None:
     cfg = train_config(tmp_path, tiny_engine, demo_data)
     engine = await serving(worker, cfg)
+    stale = FeatureCache(cfg.state_dir / FEATURES_DB)  # a view cached under an earlier backbone
+    stale.put("0" * 64, [("a" * 64, 0)], np.ones((1, 8), np.float32))
     seen: list[str] = []
     first = await TrainRun(cfg, worker, engine, "test", on_progress=lambda s: seen.append(s.stage)).run()
     assert first.result == "promoted", first.reason
@@ -75,6 +78,8 @@ async def test_a_run_lifts_the_random_head_and_writes_a_head_engine_then_reuses_
     cand, serv = first.candidate or {}, first.serving or {}
     assert cand["mcc"] > 0.4 and cand["mcc"] > serv["mcc"] + 0.2, (cand, serv)
     assert first.features["extracted"] == first.features["views"] > 0 and first.features["cached"] == 0
+    assert first.features["pruned"] == 1 and stale.count("0" * 64) == 0
+    stale.close()
 
     # The engine: the serving backbone's files and hash, a new head, the run's id and holdout metrics.
     assert first.engine is not None

@@ -209,6 +209,12 @@ class TrainRun:
     async def _features(self, backbone: str, views: Sequence[ViewKey]) -> None:
         """Fill the cache with every view it lacks: served features as they are, the rest through the backbone."""
         self._stage("features")
+        # Views of another backbone (or an older augmentation) are never read again by this
+        # daemon's runs: drop them, so the cache holds one backbone's worth. A rollback to an
+        # older backbone extracts once more.
+        pruned = await asyncio.to_thread(self._cache.prune, backbone)
+        if pruned:
+            log.info("train_features_pruned", run_id=self.state.run_id, views=pruned)
         served = [v for v in views if v.seed == AS_SERVED and _served_features(v, backbone) is not None]
         missing = await asyncio.to_thread(self._cache.missing, backbone, [v.key for v in views])
         todo_served = [v for v in served if v.key in missing]
@@ -220,7 +226,7 @@ class TrainRun:
         todo = list({v.key: v for v in views if v.key in missing and v.key not in done_keys}.values())
         s = self.state
         s.features = {"views": len({v.key for v in views}), "cached": len({v.key for v in views}) - len(missing)}
-        s.features["from_samples"], s.features["extracted"] = len(todo_served), 0
+        s.features["from_samples"], s.features["extracted"], s.features["pruned"] = len(todo_served), 0, pruned
         s.total, s.done = len(todo), 0
         if todo:
             await self._extract(backbone, todo)
