@@ -91,17 +91,19 @@ def _write_part(path: Path, content: Path | bytes | SharedPart) -> str:
         try:
             os.link(content.path, path)
         except OSError:  # another file system, or links not allowed: a copy
-            shutil.copyfile(content.path, path)
-            with path.open("rb") as f:
-                os.fsync(f.fileno())
+            _copy_synced(content.path, path)
         return content.sha256
     if isinstance(content, bytes):
         _write_synced(path, content)
     else:
-        shutil.copyfile(content, path)
-        with path.open("rb") as f:
-            os.fsync(f.fileno())
+        _copy_synced(content, path)
     return sha256_file(path)
+
+
+def _copy_synced(source: Path, path: Path) -> None:
+    shutil.copyfile(source, path)
+    with path.open("rb") as f:
+        os.fsync(f.fileno())
 
 
 def _write_synced(path: Path, data: bytes) -> None:

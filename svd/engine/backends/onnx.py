@@ -11,7 +11,7 @@ import structlog
 
 from svd.config import ONNX_SPINS
 from svd.engine.backends.base import blank_images, require_part
-from svd.engine.manifest import BACKBONE_ONNX, EngineError, Manifest
+from svd.engine.manifest import BACKBONE_ONNX, INPUT_NAME, OUTPUT_NAME, EngineError, Manifest
 
 log = structlog.get_logger(__name__)
 
@@ -22,9 +22,6 @@ log = structlog.get_logger(__name__)
 # run and parks the threads the moment it returns (session.force_spinning_stop).
 SPINS = ONNX_SPINS
 SPIN_OFF, SPIN_WHILE_RUNNING, SPIN_ALWAYS = SPINS
-
-INPUT_NAME = "images"
-OUTPUT_NAME = "features"
 
 
 def available_providers() -> list[str]:

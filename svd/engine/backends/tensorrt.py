@@ -77,10 +77,10 @@ def plan_usable(
         if not isinstance(plan_facts.get(key), str):
             return f"the manifest's plan facts lack {key!r}"
     if here is None:
-        reason = unavailable_reason()
-        if reason is not None:
-            return reason
-        here = device_facts(device)
+        try:
+            here = device_facts(device)
+        except EngineError as exc:  # no TensorRT or no CUDA here: the reason
+            return str(exc)
     if plan_facts["arch"] != here["arch"]:
         return f"plan built for {plan_facts['arch']}, this GPU is {here['arch']} ({here.get('gpu', '?')})"
     # Kernels are tuned for the exact GPU model: an H100 PCIe plan on an H100 SXM may load and run slower
