@@ -13,7 +13,7 @@ from typing import Any
 
 import structlog
 
-from svd.config import DEFAULT_CONFIG, Config, ConfigError, load_config
+from svd.config import Config, ConfigError, config_file, load_config
 from svd.logs import setup_logging
 
 log = structlog.get_logger(__name__)
@@ -35,7 +35,7 @@ TOOL_COMMANDS = (
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    args.config_path = _config_path(args.config)
+    args.config_path = config_file(args.config)
     try:
         cfg = load_config(args.config_path)
     except ConfigError as e:
@@ -121,13 +121,6 @@ def _parser() -> argparse.ArgumentParser:
     for name, help_text, module in TOOL_COMMANDS:
         importlib.import_module(module).add_arguments(sub.add_parser(name, help=help_text))
     return parser
-
-
-def _config_path(path: Path | None) -> Path | None:
-    """The config file in use: --config, else ./config.toml if there is one, else None (built-in defaults)."""
-    if path is None and DEFAULT_CONFIG.is_file():
-        return DEFAULT_CONFIG
-    return path
 
 
 def _run(args: argparse.Namespace, cfg: Config) -> int:

@@ -451,6 +451,13 @@ class Config:
         return path if path.is_absolute() else self.base_dir / path
 
 
+def config_file(given: Path | None) -> Path | None:
+    """The config file in use: --config, else ./config.toml if there is one, else None (built-in defaults)."""
+    if given is None and DEFAULT_CONFIG.is_file():
+        return DEFAULT_CONFIG
+    return given
+
+
 def load_config(path: Path | None) -> Config:
     """Read and validate `path`; None gives the embedded default.
 

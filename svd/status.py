@@ -28,13 +28,11 @@ class Window:
         # Per bucket (the last one is +Inf), not cumulative: one increment per sample.
         self.bucket_counts = [0] * (len(BUCKETS_S) + 1)
         self.total_s = 0.0
-        self.count = 0
 
     def add(self, seconds: float) -> None:
         self._values.append(seconds)
         self.bucket_counts[bisect.bisect_left(BUCKETS_S, seconds)] += 1
         self.total_s += seconds
-        self.count += 1
 
     def summary_ms(self) -> dict[str, float]:
         if not self._values:

@@ -51,7 +51,7 @@ def engine_to_serve(cfg: EngineConfig, engines_dir: Path) -> Path:
         if not (path / MANIFEST_NAME).is_file():
             raise EngineError(f"engine.name: no engine {cfg.name!r} in {engines_dir}")
         return path
-    newest = newest_engine(engines_dir) if engines_dir.is_dir() else None
+    newest = newest_engine(engines_dir)
     if newest is not None:
         return newest
     if not cfg.build_demo_if_empty:

@@ -20,9 +20,15 @@ class WalletError(Exception):
     """The hotkey cannot be loaded; the message says which file and what to do."""
 
 
+def hotkey_wallets(cfg: WalletConfig, state_dir: Path) -> tuple[Wallet, Wallet]:
+    """The wallet named in `cfg`, and the one offline mode generates its hotkey in under state_dir."""
+    named = Wallet(name=cfg.name, hotkey=cfg.hotkey, path=str(Path(cfg.path).expanduser()))
+    return named, Wallet(name=OFFLINE_WALLET, hotkey="default", path=str(state_dir / "wallets"))
+
+
 def load_hotkey(cfg: WalletConfig, state_dir: Path, offline: bool) -> Keypair:
     """The hotkey named in `cfg`; offline, fall back to one generated under state_dir."""
-    wallet = Wallet(name=cfg.name, hotkey=cfg.hotkey, path=str(Path(cfg.path).expanduser()))
+    wallet, local = hotkey_wallets(cfg, state_dir)
     if wallet.hotkey_file.exists_on_device():
         return _read(wallet)
     if not offline:
@@ -31,7 +37,6 @@ def load_hotkey(cfg: WalletConfig, state_dir: Path, offline: bool) -> Keypair:
             f"`btcli wallet new_hotkey --wallet.name {cfg.name} --wallet.hotkey {cfg.hotkey}` "
             "or set [wallet] in the config"
         )
-    local = Wallet(name=OFFLINE_WALLET, hotkey="default", path=str(state_dir / "wallets"))
     if not local.hotkey_file.exists_on_device():
         local.create_new_hotkey(use_password=False, overwrite=False, suppress=True)
         log.info("offline_hotkey_created", path=local.hotkey_file.path)

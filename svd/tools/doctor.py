@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from svd.config import DEFAULT_CONFIG, Config, ConfigError
+from svd.config import Config, ConfigError, config_file
 
 if TYPE_CHECKING:
     from svd.serve.chain import ChainSource
@@ -80,6 +80,6 @@ def _print(checks: list[Check], as_json: bool) -> None:
 
 
 def _config_path(given: Path | None) -> Path | None:
-    if given is None and DEFAULT_CONFIG.is_file():
-        given = DEFAULT_CONFIG
-    return given.resolve() if given is not None else None
+    """config_file(given), as an absolute path: doctor's lines name the file wherever it was run."""
+    path = config_file(given)
+    return path.resolve() if path is not None else None

@@ -38,7 +38,7 @@ from svd.engine.manifest import EngineError, Manifest, verify_engine_dir
 from svd.engine.serving import engine_to_serve
 from svd.samples.db import DatabaseError, connect_readonly, schema_version
 from svd.serve.chain import Bittensor11Source, ChainError, ChainSnapshot, ChainSource, Neuron
-from svd.serve.wallet import OFFLINE_WALLET, WalletError, load_hotkey
+from svd.serve.wallet import WalletError, hotkey_wallets, load_hotkey
 from svd.tools.doctor import Check
 
 GB = 1_000_000_000
@@ -79,8 +79,7 @@ class _Probe:
     config_path: Path | None
     chain: ChainSource | None
     hotkey: str | None = None
-    manifest: Manifest | None = None
-    engine_failed: bool = False
+    manifest: Manifest | None = None  # None: no engine to serve (the backend is not checked)
     snapshot: ChainSnapshot | None = None
 
     @property
@@ -152,11 +151,8 @@ def _state(p: _Probe) -> Verdict:
 
 
 def _hotkey(p: _Probe) -> Verdict:
-    from bittensor_wallet import Wallet
-
     w = p.cfg.wallet
-    named = Wallet(name=w.name, hotkey=w.hotkey, path=str(Path(w.path).expanduser())).hotkey_file
-    local = Wallet(name=OFFLINE_WALLET, hotkey="default", path=str(p.cfg.state_dir / "wallets")).hotkey_file
+    named, local = (wallet.hotkey_file for wallet in hotkey_wallets(w, p.cfg.state_dir))
     # Offline, load_hotkey() would create the missing hotkey; the doctor only says that svd run will.
     if not p.online and not named.exists_on_device() and not local.exists_on_device():
         return ok(f"offline: no hotkey at {named.path}; svd run generates one at {local.path}")
@@ -210,21 +206,20 @@ def _bind_test(host: str, port: int) -> None:
 
 def _engine(p: _Probe) -> Verdict:
     cfg, engines = p.cfg.engine, p.cfg.engines_dir
-    p.engine_failed = True
-    # engine_to_serve() builds the demo into an empty engines/; the doctor only says that svd run will.
-    if not cfg.name and (not engines.is_dir() or newest_engine(engines) is None):
-        if cfg.build_demo_if_empty:
-            return warn(
-                f"no engine in {engines}: svd run builds a demo engine (random weights, it earns nothing)",
-                "build a real one: svd build-engine --head CKPT --backbone ID --name NAME",
-            )
-        return fail(f"no engine in {engines}", "svd build-engine --demo, or copy an engine directory there")
     try:
-        path = engine_to_serve(cfg, engines)
+        # engine_to_serve() would build the demo into an empty engines/; the doctor only says that svd run will.
+        path = engine_to_serve(cfg, engines) if cfg.name else newest_engine(engines)
+        if path is None:
+            if cfg.build_demo_if_empty:
+                return warn(
+                    f"no engine in {engines}: svd run builds a demo engine (random weights, it earns nothing)",
+                    "build a real one: svd build-engine --head CKPT --backbone ID --name NAME",
+                )
+            return fail(f"no engine in {engines}", "svd build-engine --demo, or copy an engine directory there")
         manifest = verify_engine_dir(path)
     except EngineError as e:
         return fail(str(e), "copy or rebuild that engine, or set [engine] name to another one in engines/")
-    p.manifest, p.engine_failed = manifest, False
+    p.manifest = manifest
     detail = f"{path}: {manifest.name} v{manifest.version}, parts verified"
     if all(b.startswith("random:") for b in manifest.backbone_ids):
         if p.online:
@@ -234,7 +229,7 @@ def _engine(p: _Probe) -> Verdict:
 
 
 def _backend(p: _Probe) -> Verdict:
-    if p.engine_failed:
+    if p.manifest is None:
         return warn("not checked: no engine to serve", "fix the engine line above")
     choice = choose_backend(p.cfg.engine.backend, p.cfg.engine.threads, manifest=p.manifest)
     choice.backend.close()  # never loaded: choosing only constructs it

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from svd.config import DEFAULT_CONFIG, Config, load_config
+from svd.config import Config, config_file, load_config
 from svd.engine.canary import canary_images, street_jpegs
 from svd.engine.worker import EngineWorker, SliceStats
 from svd.tools.bench import time_calls
@@ -85,11 +85,9 @@ async def _load(args: argparse.Namespace, port: int, hotkey: str, c: int, jpeg_d
     if args.dendrite_python is not None:
         script = Path(__file__).with_name("dendrite_load.py")
         cmd = [str(args.dendrite_python), str(script), "--port", str(port), "--axon-hotkey", hotkey]
-        cmd += ["--images", str(jpeg_dir)]
     else:
         cmd = [sys.executable, "-m", "svd", "bench", "--port", str(port), "--axon-hotkey", hotkey, "--json"]
-        cmd += ["--images", str(jpeg_dir)]
-    cmd += ["-c", str(c), "-d", str(args.duration), "--warmup", "2"]
+    cmd += ["--images", str(jpeg_dir), "-c", str(c), "-d", str(args.duration), "--warmup", "2"]
     proc = await asyncio.create_subprocess_exec(*cmd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     out, err = await proc.communicate()
     if proc.returncode != 0:
@@ -136,9 +134,7 @@ def _train_unit(cfg: Config, daemon: Any, marks: dict[str, float]) -> Any:
     return one
 
 
-async def _with_load(
-    args: argparse.Namespace, cfg: Config, daemon: Any, c: int, jpeg_dir: Path, make: Any | None
-) -> dict[str, Any]:
+async def _with_load(args: argparse.Namespace, daemon: Any, c: int, jpeg_dir: Path, make: Any | None) -> dict[str, Any]:
     worker: EngineWorker = daemon.worker
     worker.slice_stats = SliceStats()
     stop = asyncio.Event()
@@ -194,8 +190,8 @@ async def _phases(args: argparse.Namespace, cfg: Config, daemon: Any) -> dict[st
         for i, jpeg in enumerate(street_jpegs(32, seed=3)):
             (Path(tmp) / f"{i:02d}.jpg").write_bytes(jpeg)
         for c in args.concurrency:
-            out[f"c{c}_no_job"] = await _with_load(args, cfg, daemon, c, Path(tmp), None)
-            out[f"c{c}_with_job"] = await _with_load(args, cfg, daemon, c, Path(tmp), make)
+            out[f"c{c}_no_job"] = await _with_load(args, daemon, c, Path(tmp), None)
+            out[f"c{c}_with_job"] = await _with_load(args, daemon, c, Path(tmp), make)
     return out
 
 
@@ -207,8 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     from svd.logs import setup_logging
 
     args = parse_args(argv)
-    path = args.config or (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None)
-    cfg = _bench_config(load_config(path), args.job, args.data)
+    cfg = _bench_config(load_config(config_file(args.config)), args.job, args.data)
     if args.job == "train" and args.data is None:
         print("idlebench: --job train needs --data DIR (svd demo-data DIR)", file=sys.stderr)
         return 2

@@ -46,7 +46,6 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 MODEL_CARD = "model_card.json"
-HUB_ENDPOINT = "https://huggingface.co"
 # Hub repo ids: "user/repo"; names are letters, digits, '-', '_' and '.'.
 REPO_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
 VERSION_RE = re.compile(r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)$")
@@ -248,7 +247,7 @@ def find_serving_engine(cfg: Config, name: str | None = None) -> tuple[Path, str
         reason = f"no daemon answers on {cfg.socket_path} ({e})"
     from svd.engine.load import newest_engine  # imports the runtime; only needed here
 
-    newest = newest_engine(cfg.engines_dir) if cfg.engines_dir.is_dir() else None
+    newest = newest_engine(cfg.engines_dir)
     if newest is None:
         raise PublishError(f"{reason}, and {cfg.engines_dir} holds no engine: pass --engine NAME")
     return newest, f"{reason}: using the newest engine on disk, {newest.name}"
