@@ -273,7 +273,7 @@ def render_view(
             synthetic PNGs.
         level_probs: odds of levels 0-3 when the seed draws the level.
     """
-    rgb = _source_rgb(image, resave_jpeg)
+    rgb = source_rgb(image, resave_jpeg)
     rng = _view_rng(seed)
     drawn = _draw_level(rng, level_probs)
     chosen = drawn if level is None else _check_level(level)
@@ -353,7 +353,9 @@ def decode_jpeg(data: bytes) -> np.ndarray:
         return np.asarray(im.convert("RGB"), dtype=np.uint8)
 
 
-def _source_rgb(image: ImageLike, resave_jpeg: bool) -> np.ndarray:
+def source_rgb(image: ImageLike, resave_jpeg: bool) -> np.ndarray:
+    """The image as the validator's distortions start from it: RGB uint8, re-saved as JPEG first
+    when asked. render_view(source_rgb(im, True), s) equals render_view(im, s, resave_jpeg=True)."""
     if isinstance(image, Image.Image):
         if resave_jpeg:
             im = image if image.mode in _JPEG_MODES else image.convert("RGB")

@@ -34,7 +34,7 @@ import numpy as np
 from PIL import Image
 
 from svd.engine.worker import Progress
-from svd.train.augment import AUGMENT_VERSION, render_view, view_seeds
+from svd.train.augment import AUGMENT_VERSION, render_view, source_rgb, view_seeds
 from svd.train.logged import SERVED
 from svd.train.sources import Record, read_images
 
@@ -189,18 +189,25 @@ def render_views(views: Sequence[ViewKey]) -> np.ndarray:
     Real JPEG photos are re-saved at quality 75 before distortion, as validators
     do; synthetic PNGs are not. As-served views are only decoded.
     """
-    blobs = read_images([v.record.ref for v in views])
+    # Each image is read, decoded and (a real photo) re-saved once, however many of its views the chunk holds.
+    refs = {v.record.sha256: v.record.ref for v in views}
+    blobs = dict(zip(refs, read_images(list(refs.values())), strict=True))
     out = np.empty((len(views), 224, 224, 3), dtype=np.uint8)
     decoded: dict[str, tuple[np.ndarray, bool]] = {}
-    for i, (view, data) in enumerate(zip(views, blobs, strict=True)):
-        if view.record.sha256 not in decoded:
-            with Image.open(io.BytesIO(data)) as im:
-                decoded[view.record.sha256] = (np.asarray(im.convert("RGB")), im.format == "JPEG")
-        rgb, was_jpeg = decoded[view.record.sha256]
+    sources: dict[str, np.ndarray] = {}
+    for i, view in enumerate(views):
+        sha = view.record.sha256
+        if sha not in decoded:
+            with Image.open(io.BytesIO(blobs[sha])) as im:
+                decoded[sha] = (np.asarray(im.convert("RGB")), im.format == "JPEG")
+        rgb, was_jpeg = decoded[sha]
         if view.seed == AS_SERVED:
             out[i] = np.asarray(Image.fromarray(rgb).resize((224, 224), Image.Resampling.BILINEAR))
-        else:
-            out[i] = render_view(rgb, view.seed, resave_jpeg=was_jpeg).image
+            continue
+        if sha not in sources:
+            sources[sha] = source = source_rgb(rgb, resave_jpeg=was_jpeg)
+            source.flags.writeable = False  # shared by the image's views: a distortion must not write into it
+        out[i] = render_view(sources[sha], view.seed).image
     return out
 
 
