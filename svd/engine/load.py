@@ -177,7 +177,12 @@ def _check_output(name: str, probs: np.ndarray, features: np.ndarray, n: int, di
         )
 
 
-def _load_head(path: Path, manifest: Manifest) -> Head:
+def load_head(path: Path, manifest: Manifest) -> Head:
+    """An engine's head.safetensors, checked against its manifest's members.
+
+    Raises:
+        EngineError: the file does not load, or its sizes do not fit the manifest.
+    """
     try:
         head = Head.from_state(load_file(str(path)))
     except Exception as exc:  # safetensors, KeyError, ValueError and load_state_dict errors alike
@@ -231,7 +236,7 @@ def load_engine(
     # threads that spin against ONNX Runtime's for the same cores (the demo engine at batch 1
     # on 2 cores: +3 ms a call). The torch backend, the reference, takes the configured threads.
     torch.set_num_threads(threads if backend == "torch" and threads > 0 else 1)
-    head = _load_head(path / HEAD, manifest)
+    head = load_head(path / HEAD, manifest)
     shared = _reusable(reuse, manifest)
     if shared is not None and reuse is not None:
         log.info("engine_backbone_reused", engine=manifest.name, source=reuse.name, backend=shared.backend.name)

@@ -49,6 +49,7 @@ import numpy as np
 import structlog
 
 from svd.train.demo_scenes import render
+from svd.train.sources import disagreement
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -97,7 +98,7 @@ class DemoRow:
     @property
     def disagrees(self) -> bool:
         """The validator's skip rule: a description with label 0, or none with label 1."""
-        return bool(self.scene_description) != (self.label == 1)
+        return disagreement(self.label, self.scene_description) is not None
 
 
 @dataclass

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from svd.engine.head import Head, numpy_to_tensor
+from svd.engine.head import Head, numpy_to_tensor, random_head
 from svd.engine.worker import Progress
 
 TEMPERATURE_RANGE = (0.05, 20.0)
@@ -110,9 +110,7 @@ def fit_head(
         if len(split) == 0 or len(np.unique(split.labels)) < 2:
             raise ValueError(f"the {name} split needs both classes, has {np.bincount(split.labels, minlength=2)}")
     dev = torch.device(device)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
-        head = Head(dims, cfg.hidden).to(dev)
+    head = random_head(dims, cfg.hidden, cfg.seed).to(dev)  # train() below, each epoch
     optimiser = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     x, y, w = _tensors(train, dev)
     vx, vy, vw = _tensors(val, dev)

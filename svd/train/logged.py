@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from svd.samples.db import LABEL_SQL, DatabaseError, connect_readonly
-from svd.train.sources import Record, SourceError, SourceScan, SourceSpec
+from svd.train.sources import SCANNERS, Record, SourceError, SourceScan, SourceSpec
 
 SAMPLES = "samples"  # the source kind
 SERVED = "served"  # the origin of a logged image: as a validator sent it
@@ -86,3 +86,6 @@ def scan_samples(spec: SourceSpec, hub_cache: Path | None = None) -> SourceScan:
         ref = SampleRef(spec.path, sha)
         scan.records.append(LoggedRecord(sha, int(label), spec.name, SERVED, ref, features, backbone or ""))
     return scan
+
+
+SCANNERS[SAMPLES] = scan_samples  # a source kind of its own, registered where its scanner lives

@@ -22,14 +22,13 @@ from typing import IO, Any
 
 import numpy as np
 import structlog
-from safetensors.torch import load_file
 
 from svd.config import Config, TrainConfig
 from svd.engine.build import write_head_engine
 from svd.engine.head import Head
-from svd.engine.load import Engine
+from svd.engine.load import Engine, load_head
 from svd.engine.manifest import HEAD
-from svd.engine.worker import BackgroundJob, EngineWorker, Progress
+from svd.engine.worker import EngineWorker, Progress
 from svd.process import try_flock
 from svd.train import logged
 from svd.train.features import (
@@ -45,12 +44,11 @@ from svd.train.features import (
 from svd.train.fit import FeatureSet, FitConfig, FitResult, fit_head, head_probs, warm_optimiser
 from svd.train.gate import GateConfig, Verdict, judge
 from svd.train.report import append_history, read_history, write_report
-from svd.train.sources import SCANNERS, SourceSpec
-from svd.train.splits import MixConfig, TrainingData, assemble
+from svd.train.sources import SourceSpec
+from svd.train.splits import MixConfig, assemble
 
 log = structlog.get_logger(__name__)
 
-SCANNERS.setdefault(logged.SAMPLES, logged.scan_samples)
 LOCK = "train.lock"
 # Views rendered per chunk (~19 MB of pixels): the CPU renders the next chunk while the engine runs this one.
 CHUNK_VIEWS = 128
@@ -127,7 +125,6 @@ class TrainRun:
         self.state = RunState(new_run_id(), trigger, time.time())
         self._on_progress = on_progress or (lambda _: None)
         self._cache = FeatureCache(cfg.state_dir / FEATURES_DB)
-        self._job: BackgroundJob[Any] | None = None
         self._report: dict[str, Any] = {"run_id": self.state.run_id, "trigger": trigger}
         self._holdout: dict[str, np.ndarray] | None = None
 
@@ -157,8 +154,6 @@ class TrainRun:
             log.exception("train_run_failed", run_id=s.run_id)
             self._end("failed", f"{type(exc).__name__}: {exc}")
         finally:
-            if self._job is not None and not self._job.done:
-                self._job.cancel()
             if s.finished is None:
                 self._end("failed", "ended without a result")
             if backend is not None:
@@ -169,13 +164,13 @@ class TrainRun:
     async def _stages(self) -> None:
         tc = self.tc
         backbone = self.engine.manifest.backbone_sha256
-        serving_head = await asyncio.to_thread(_load_head, self.engine.path)
+        serving_head = await asyncio.to_thread(load_head, self.engine.path / HEAD, self.engine.manifest)
         self._stage("data")
         mix = MixConfig(tc.holdout_permille, tc.validation_permille, seed=tc.seed)
         data = await asyncio.to_thread(assemble, source_specs(self.cfg), mix)
-        self._report["data"] = data.report()
+        self._report["data"] = counts = data.report()
         if len(data.train) < tc.min_images or not data.validation or not data.holdout:
-            self._end("skipped", f"too little labelled data: {data.report()} (train.min_images = {tc.min_images})")
+            self._end("skipped", f"too little labelled data: {counts} (train.min_images = {tc.min_images})")
             return
         views = {
             "train": plan_views(data.train, tc.views, "train"),
@@ -183,7 +178,7 @@ class TrainRun:
             "holdout": plan_views(data.holdout, tc.holdout_views, "holdout"),
         }
         await self._features(backbone, [v for split in views.values() for v in split])
-        sets = await asyncio.to_thread(self._feature_sets, backbone, views, data)
+        sets = await asyncio.to_thread(self._feature_sets, backbone, views)
         self._stage("fit")
         fit_cfg = FitConfig(
             tc.hidden,
@@ -215,17 +210,18 @@ class TrainRun:
         pruned = await asyncio.to_thread(self._cache.prune, backbone)
         if pruned:
             log.info("train_features_pruned", run_id=self.state.run_id, views=pruned)
-        served = [v for v in views if v.seed == AS_SERVED and _served_features(v, backbone) is not None]
         missing = await asyncio.to_thread(self._cache.missing, backbone, [v.key for v in views])
-        todo_served = [v for v in served if v.key in missing]
+        # As-served views of logged samples whose stored features came from this backbone: kept as they are.
+        served = {v.key: f for v in views if v.seed == AS_SERVED and (f := _served_features(v, backbone)) is not None}
+        todo_served = [key for key in served if key in missing]
         if todo_served:
-            feats = np.stack([_served_features(v, backbone) for v in todo_served])  # type: ignore[misc]
-            await asyncio.to_thread(self._cache.put, backbone, [v.key for v in todo_served], feats)
-        done_keys = {v.key for v in todo_served}
+            feats = np.stack([served[key] for key in todo_served])
+            await asyncio.to_thread(self._cache.put, backbone, todo_served, feats)
         # One view per key: a record drawn twice by the epoch shares its views.
-        todo = list({v.key: v for v in views if v.key in missing and v.key not in done_keys}.values())
+        todo = list({v.key: v for v in views if v.key in missing and v.key not in served}.values())
         s = self.state
-        s.features = {"views": len({v.key for v in views}), "cached": len({v.key for v in views}) - len(missing)}
+        n_views = len({v.key for v in views})
+        s.features = {"views": n_views, "cached": n_views - len(missing)}
         s.features["from_samples"], s.features["extracted"], s.features["pruned"] = len(todo_served), 0, pruned
         s.total, s.done = len(todo), 0
         if todo:
@@ -252,9 +248,7 @@ class TrainRun:
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
 
-    def _feature_sets(
-        self, backbone: str, views: dict[str, list[ViewKey]], data: TrainingData
-    ) -> dict[str, FeatureSet]:
+    def _feature_sets(self, backbone: str, views: dict[str, list[ViewKey]]) -> dict[str, FeatureSet]:
         index: dict[str, int] = {}
         out = {}
         for name, split in views.items():
@@ -263,7 +257,6 @@ class TrainRun:
             y = np.asarray([v.record.label for v in split], dtype=np.int64)
             images = np.asarray([index.setdefault(v.record.sha256, len(index)) for v in split], dtype=np.int64)
             out[name] = FeatureSet(x, y, images)
-        del data
         return out
 
     async def _judge(self, candidate: Head, serving: Head, holdout: FeatureSet) -> Verdict:
@@ -306,7 +299,7 @@ class TrainRun:
         log.info("train_engine_written", run_id=s.run_id, engine=name, path=str(target))
 
     async def _background(self, name: str, job_slices: Any) -> Any:
-        self._job = job = self.worker.background(f"train {self.state.run_id}: {name}", job_slices)
+        job = self.worker.background(f"train {self.state.run_id}: {name}", job_slices)
         return await job.wait()  # cancelled with this task
 
     def _stage(self, stage: str) -> None:
@@ -347,10 +340,6 @@ def _served_features(view: ViewKey, backbone: str) -> np.ndarray | None:
     if isinstance(record, logged.LoggedRecord) and record.features is not None and record.backbone_sha256 == backbone:
         return record.features
     return None
-
-
-def _load_head(engine_dir: Path) -> Head:
-    return Head.from_state(load_file(str(engine_dir / HEAD)))
 
 
 def _take_lock(state_dir: Path) -> IO[str]:
