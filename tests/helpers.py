@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import shutil
 import socket
 import subprocess
@@ -15,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from bittensor_wallet import Keypair
+from aiohttp import web
+from bittensor_wallet import Keypair, Wallet
 
 from svd.config import Config, config_from_dict, load_config
 from svd.daemon import Daemon
@@ -124,9 +126,9 @@ class DaemonProcess:
         except (TimeoutError, BlockingIOError):
             return out
 
-    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+    def cli(self, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
         cmd = [sys.executable, "-m", "svd", "--config", str(self.config), *args]
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=False)
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
 
 
 def free_port() -> int:
@@ -201,3 +203,41 @@ def image_folder(root: Path, demo_data: Path, count: int, broken: int | None = N
         (root / label).mkdir(parents=True, exist_ok=True)
     for i, blob in enumerate(blobs):
         (root / str(i % 2) / f"{i}.jpg").write_bytes(blob[: len(blob) // 3] if i == broken else blob)
+
+
+def fake_hub_cache(cache: Path, repo_id: str, files: dict[str, bytes], commit: str = "0" * 40) -> Path:
+    """The layout huggingface_hub keeps: datasets--owner--name/{refs/main, blobs, snapshots/<commit>/...}."""
+    repo = cache / ("datasets--" + repo_id.replace("/", "--"))
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    for name, data in files.items():
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        blob.write_bytes(data)
+        link = repo / "snapshots" / commit / name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(blob)
+    return repo / "snapshots" / commit
+
+
+MINER = Keypair.create_from_uri("//Miner")  # the miner's own hotkey in publish and register tests
+
+
+def miner_config(tmp_path: Path, **server: str) -> Config:
+    """A config whose [wallet] holds MINER's hotkey (unencrypted), state in tmp_path/s."""
+    wallets = tmp_path / "wallets"
+    Wallet(name="miner", hotkey="default", path=str(wallets)).set_hotkey(MINER, encrypt=False, overwrite=True)
+    data = {"wallet": {"name": "miner", "path": str(wallets)}, "daemon": {"state_dir": "s"}, "server": server}
+    return config_from_dict(data, base_dir=tmp_path)
+
+
+@asynccontextmanager
+async def loopback(app: web.Application) -> AsyncIterator[str]:
+    """Serve `app` on 127.0.0.1 (a free port) for the block; its base URL."""
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()

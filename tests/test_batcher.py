@@ -244,27 +244,23 @@ async def test_abandoned_requests_do_not_count_against_the_queue_bound(worker: E
 
 
 async def test_background_slices_never_run_between_batches_while_requests_wait() -> None:
-    import threading
     import time
     from collections.abc import Generator
 
     from svd.engine.worker import Progress
+    from tests.test_worker import Trace
 
-    events: list[str] = []
-    lock = threading.Lock()
-
-    def note(event: str) -> None:
-        with lock:
-            events.append(event)
+    trace = Trace()
+    events = trace.events
 
     class TracedEngine(FakeEngine):
         def infer(self, images: np.ndarray) -> FakeOutput:
-            note("batch")
+            trace.add("batch")
             return super().infer(images)
 
     def feature_pass() -> Generator[Progress, None, None]:
         for i in range(400):
-            note("slice")
+            trace.add("slice")
             time.sleep(0.002)
             yield Progress(i + 1, 400)
 

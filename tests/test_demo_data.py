@@ -23,6 +23,7 @@ from svd.train.demo_data import (
     run_demo_data,
     write_demo_data,
 )
+from svd.train.metrics import mcc
 from svd.train.sources import IMAGE_FOLDER, NATIX_PARQUET, SYNTHETIC, SourceSpec, read_images, scan_source
 from tests.helpers import make_config
 
@@ -149,11 +150,7 @@ def _probe_mcc(features: np.ndarray, labels: np.ndarray, held: np.ndarray, l2: f
         p = 1 / (1 + np.exp(-zt @ w))
         hessian = (zt * (p * (1 - p))[:, None]).T @ zt / len(yt) + np.diag(reg)
         w -= np.linalg.solve(hessian, zt.T @ (p - yt) / len(yt) + reg * w)
-    pred, truth = z[held] @ w > 0, labels[held] == 1
-    tp, tn = float(np.sum(pred & truth)), float(np.sum(~pred & ~truth))
-    fp, fn = float(np.sum(pred & ~truth)), float(np.sum(~pred & truth))
-    denom = np.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
-    return (tp * tn - fp * fn) / denom if denom else 0.0
+    return mcc((z[held] @ w > 0).astype(np.float64), labels[held], floored=False)
 
 
 def test_random_tiny_backbone_learns_roadwork_through_distortions(tiny_engine: Path) -> None:

@@ -21,7 +21,7 @@ from svd.engine.writer import write_engine_dir
 from svd.samples.db import SCHEMA_VERSION, connect
 from svd.serve.chain import ChainError, ChainSnapshot, ChainSource, Neuron
 from svd.tools.doctor import Check, doctor_config_error, render, run_doctor
-from tests.helpers import DaemonProcess, free_port, make_config
+from tests.helpers import DaemonProcess, fake_hub_cache, free_port, make_config
 
 MINER = Keypair.create_from_uri("//Ferdie")
 PUBLIC_IP = "1.2.3.4"
@@ -319,12 +319,7 @@ def test_hub_dataset_needs_a_token_and_the_local_cache(
 
     secret = "hf_" + "s3cret" * 6
     monkeypatch.setenv("HF_TOKEN", secret)
-    commit = "0" * 40
-    dataset = tmp_path / "hub" / ("datasets--" + repo.replace("/", "--"))
-    (dataset / "snapshots" / commit / "data").mkdir(parents=True)
-    (dataset / "snapshots" / commit / "data" / "train.parquet").write_bytes(b"PAR1")
-    (dataset / "refs").mkdir()
-    (dataset / "refs" / "main").write_text(commit)
+    fake_hub_cache(tmp_path / "hub", repo, {"data/train.parquet": b"PAR1"})
     run_doctor(argparse.Namespace(config=None, json=False), cfg)
     out = capsys.readouterr().out
     assert secret not in out

@@ -77,15 +77,6 @@ def test_sigterm_drains_in_flight_requests(daemon: DaemonProcess, jpegs_b64: lis
     assert stopped and stopped[0]["served"] == 48
 
 
-def test_status_without_a_daemon_says_so(tmp_path: Path) -> None:
-    config = write_config(tmp_path, free_port())
-    result = subprocess.run(
-        [sys.executable, "-m", "svd", "--config", str(config), "status"], capture_output=True, text=True, check=False
-    )
-    assert result.returncode == 1
-    assert "svd is not running" in result.stderr and "nothing answers on" in result.stderr
-
-
 def test_missing_engine_stops_start_up_with_a_clear_message(tmp_path: Path) -> None:
     config = write_config(tmp_path, free_port())
     result = subprocess.run(

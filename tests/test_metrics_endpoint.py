@@ -11,6 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from svd.control import call
 from tests.helpers import STRANGER, make_config, running_daemon
+from tests.test_hotswap import query_loop
 from tests.test_server import query
 
 
@@ -35,18 +36,15 @@ async def test_metrics_under_load_match_svd_status(tmp_path: Path, tiny_engine: 
         assert d.metrics is not None and d.metrics.port > 0
         miner = d.snapshot().hotkey
         stop = asyncio.Event()
-
-        async def load(image: str) -> None:
-            while not stop.is_set():
-                await query(d.port, miner, image)
-
-        tasks = [asyncio.create_task(load(j)) for j in jpegs_b64[:4]]
+        tasks = [asyncio.create_task(query_loop(d.port, miner, j, stop)) for j in jpegs_b64[:4]]
+        served_during = []
         for _ in range(5):  # scrapes while answers are being served
             await asyncio.sleep(0.2)
-            during = await scrape(d.metrics.port)
-            assert value(during, "svd_requests_served_total") >= 0
+            served_during.append(value(await scrape(d.metrics.port), "svd_requests_served_total"))
         stop.set()
-        await asyncio.gather(*tasks)
+        codes = [c for task in tasks for c in await task]
+        assert codes and set(codes) == {200}, sorted(set(codes))
+        assert served_during == sorted(served_during), served_during  # a counter never goes down
         for _ in range(3):
             assert (await query(d.port, miner, jpegs_b64[0], kp=STRANGER))[0] == 403
         await asyncio.sleep(0.3)  # let the sample writer flush

@@ -23,9 +23,7 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 from aiohttp.typedefs import Handler
-from bittensor_wallet import Keypair, Wallet
 
-from svd.config import Config, config_from_dict
 from svd.control import ControlServer
 from svd.engine.manifest import BACKBONE_ONNX, HEAD, MANIFEST_NAME, InputSpec, Manifest
 from svd.engine.writer import write_engine_dir
@@ -39,8 +37,8 @@ from svd.tools.publish import (
     run_publish,
     upload,
 )
+from tests.helpers import MINER, loopback, miner_config
 
-MINER = Keypair.create_from_uri("//Miner")
 TOKEN = "hf_test_write_token_0123456789"
 REPO = "miner/roadwork"
 BACKBONE_ID = "facebook/dinov3-vitl16-pretrain-lvd1689m"
@@ -106,14 +104,8 @@ class FakeHub:
 @asynccontextmanager
 async def hub() -> AsyncIterator[FakeHub]:
     fake = FakeHub()
-    runner = web.AppRunner(fake.app())
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    fake.url = f"http://127.0.0.1:{runner.addresses[0][1]}"
-    try:
+    async with loopback(fake.app()) as fake.url:
         yield fake
-    finally:
-        await runner.cleanup()
 
 
 def make_engine(engines: Path, name: str = "roadwork-a", version: str = "1.2.0", age_s: float = 0.0) -> Path:
@@ -128,13 +120,6 @@ def make_engine(engines: Path, name: str = "roadwork-a", version: str = "1.2.0",
     parts = {BACKBONE_ONNX: b"\x08\x07onnx graph " * 50, HEAD: f"head weights of {name}".encode() * 10}
     write_engine_dir(engines / name, manifest, parts)
     return engines / name
-
-
-def miner_config(tmp_path: Path) -> Config:
-    wallets = tmp_path / "wallets"
-    Wallet(name="miner", hotkey="default", path=str(wallets)).set_hotkey(MINER, encrypt=False, overwrite=True)
-    data = {"wallet": {"name": "miner", "path": str(wallets)}, "daemon": {"state_dir": "s"}}
-    return config_from_dict(data, base_dir=tmp_path)
 
 
 def user_lines(out: str) -> list[str]:

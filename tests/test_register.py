@@ -11,19 +11,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import socket
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp import web
-from bittensor_wallet import Keypair, Wallet
+from bittensor_wallet import Keypair
 
-from svd.config import Config, config_from_dict
+from svd.config import config_from_dict
 from svd.control import ControlServer
 from svd.tools.register import (
     RegisterError,
@@ -34,9 +32,8 @@ from svd.tools.register import (
     run_register,
     uid_from_daemon,
 )
+from tests.helpers import MINER, STRANGER, free_port, loopback, miner_config
 
-MINER = Keypair.create_from_uri("//Miner")
-STRANGER = Keypair.create_from_uri("//Eve")
 UID = 17
 REPO = "miner/roadwork"
 FIELDS = {"uid", "message", "natix_public_key", "natix_signature", "type", "model_repo"}
@@ -80,24 +77,6 @@ class FakeNatix:
         return web.json_response({**answer, "error_message": self.error_message if state == "failed" else ""})
 
 
-@asynccontextmanager
-async def serving(app: web.Application) -> AsyncIterator[str]:
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
-    finally:
-        await runner.cleanup()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def quick(url: str, lines: list[str] | None = None, keypair: Keypair = MINER) -> Any:
     return register(
         keypair,
@@ -126,7 +105,7 @@ def test_payload_is_register_sh_body_signed_by_the_hotkey() -> None:
 async def test_registers_then_polls_pending_pending_succeeded() -> None:
     natix = FakeNatix()
     lines: list[str] = []
-    async with serving(natix.app()) as url:
+    async with loopback(natix.app()) as url:
         done = await quick(url, lines)
     assert done.uid == UID and done.status == "succeeded"
     assert done.answer["hotkey"] == MINER.ss58_address
@@ -137,7 +116,7 @@ async def test_registers_then_polls_pending_pending_succeeded() -> None:
 
 async def test_signature_by_another_key_is_refused_with_the_servers_message() -> None:
     natix = FakeNatix()
-    async with serving(natix.app()) as url:
+    async with loopback(natix.app()) as url:
         with pytest.raises(RegisterError, match=r"refused the registration \(HTTP 401\): Invalid signature for this"):
             await quick(url, keypair=STRANGER)
     assert natix.polls == 0
@@ -146,14 +125,14 @@ async def test_signature_by_another_key_is_refused_with_the_servers_message() ->
 async def test_failed_status_carries_the_servers_reason() -> None:
     reason = "model_card.json: submitted_by does not match the hotkey of uid 17"
     natix = FakeNatix(statuses=["pending", "failed"], error_message=reason)
-    async with serving(natix.app()) as url:
+    async with loopback(natix.app()) as url:
         with pytest.raises(RegistrationFailed, match=f"registration of uid 17 failed: {reason}"):
             await quick(url)
 
 
 async def test_a_server_that_never_finishes_times_out() -> None:
     natix = FakeNatix(statuses=["pending"])
-    async with serving(natix.app()) as url:
+    async with loopback(natix.app()) as url:
         start = time.monotonic()
         with pytest.raises(RegisterError, match=r"no final registration status after 0.3 s \(last: registration pend"):
             await register(MINER, UID, REPO, base_url=url, poll_interval_s=0.05, timeout_s=0.3)
@@ -194,7 +173,7 @@ async def test_bad_answers_to_the_post_are_one_clear_line(
 ) -> None:
     app = web.Application()
     app.router.add_post("/participants/register", _answer(status, body, content_type))
-    async with serving(app) as url:
+    async with loopback(app) as url:
         with pytest.raises(RegisterError, match=expected):
             await quick(url)
 
@@ -208,7 +187,7 @@ async def test_a_silent_server_hits_the_request_timeout() -> None:
 
     app = web.Application()
     app.router.add_post("/participants/register", silent)
-    async with serving(app) as url:
+    async with loopback(app) as url:
         with pytest.raises(RegisterError, match=r"POST .*/participants/register: no answer within 0.2 s"):
             await register(MINER, UID, REPO, base_url=url, request_timeout_s=0.2)
         release.set()  # else the server's cleanup waits for the handler
@@ -225,18 +204,11 @@ async def test_status_polls_ride_out_errors_until_a_final_answer() -> None:
     app.router.add_post("/participants/register", natix.register)
     app.router.add_get("/participants/registration-status/{uid}", flaky)
     lines: list[str] = []
-    async with serving(app) as url:
+    async with loopback(app) as url:
         done = await quick(url, lines)
     assert done.status == "succeeded"
     assert "answered HTTP 503 with a non-JSON body: busy" in lines[1]
     assert lines[2] == "status poll answered HTTP 404: Not Found"
-
-
-def miner_config(tmp_path: Path, **server: str) -> Config:
-    wallets = tmp_path / "wallets"
-    Wallet(name="miner", hotkey="default", path=str(wallets)).set_hotkey(MINER, encrypt=False, overwrite=True)
-    data = {"wallet": {"name": "miner", "path": str(wallets)}, "daemon": {"state_dir": "s"}, "server": server}
-    return config_from_dict(data, base_dir=tmp_path)
 
 
 def cli_args(*argv: str) -> argparse.Namespace:
@@ -248,7 +220,7 @@ def cli_args(*argv: str) -> argparse.Namespace:
 async def test_cli_registers_with_the_wallet_hotkey(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     cfg = miner_config(tmp_path, model_url=f"https://huggingface.co/{REPO}")
     natix = FakeNatix()
-    async with serving(natix.app()) as url:
+    async with loopback(natix.app()) as url:
         args = cli_args("--uid", str(UID), "--base-url", url + "/", "--poll-interval", "0.01")
         assert await asyncio.to_thread(run_register, args, cfg) == 0
     out = capsys.readouterr().out.splitlines()
@@ -270,7 +242,7 @@ async def test_uid_comes_from_the_running_daemons_chain_snapshot(
     server = ControlServer(cfg.socket_path, {"status": lambda _: status_snapshot(MINER.ss58_address, {"uid": UID})})
     await server.start()
     try:
-        async with serving(natix.app()) as url:
+        async with loopback(natix.app()) as url:
             args = cli_args(REPO, "--base-url", url, "--poll-interval", "0.01")
             assert await asyncio.to_thread(run_register, args, cfg) == 0
     finally:

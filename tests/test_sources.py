@@ -32,6 +32,7 @@ from svd.train.sources import (
     scan_source,
 )
 from svd.train.splits import HOLDOUT, TRAIN, VALIDATION, MixConfig, assemble, draw_epoch, shares, split_of
+from tests.helpers import fake_hub_cache
 
 REPO = "natix-network-org/roadwork"
 
@@ -249,21 +250,6 @@ def test_spec_checks(tmp_path: Path) -> None:
         scan_source(SourceSpec("x", "samples_db", path=tmp_path))
     with pytest.raises(SourceError, match="unique"):
         assemble([SourceSpec("x", IMAGE_FOLDER, path=tmp_path)] * 2)
-
-
-def fake_hub_cache(cache: Path, repo_id: str, files: dict[str, bytes], commit: str = "0" * 40) -> Path:
-    """The layout huggingface_hub keeps: datasets--owner--name/{refs/main, blobs, snapshots/<commit>/...}."""
-    repo = cache / ("datasets--" + repo_id.replace("/", "--"))
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(commit)
-    for name, data in files.items():
-        blob = repo / "blobs" / sha(data)
-        blob.parent.mkdir(parents=True, exist_ok=True)
-        blob.write_bytes(data)
-        link = repo / "snapshots" / commit / name
-        link.parent.mkdir(parents=True, exist_ok=True)
-        link.symlink_to(blob)
-    return repo / "snapshots" / commit
 
 
 def test_hub_dataset_from_the_local_cache_only(tmp_path: Path) -> None:

@@ -28,14 +28,10 @@ from svd.engine.serving import ServingEngine, prepare_engine
 from svd.engine.worker import EngineWorker
 from svd.train.schedule import TrainScheduler
 from tests.helpers import TRAIN_SMALL, DaemonProcess, image_folder, make_config, running_daemon
+from tests.test_hotswap import query_loop, status
 from tests.test_server import query
 
 WAIT_S = 240.0
-
-
-async def status(cfg: Config) -> dict[str, Any]:
-    result: dict[str, Any] = await asyncio.to_thread(call, cfg.socket_path, "status")
-    return result
 
 
 async def until(cfg: Config, ok: Any, what: str) -> dict[str, Any]:
@@ -48,13 +44,6 @@ async def until(cfg: Config, ok: Any, what: str) -> dict[str, Any]:
         await asyncio.sleep(0.1)
 
 
-async def answer_loop(port: int, miner: str, image: str, stop: asyncio.Event) -> list[int]:
-    codes = []
-    while not stop.is_set():
-        codes.append((await query(port, miner, image))[0])
-    return codes
-
-
 async def test_train_now_promotes_and_hot_swap_serves_it_under_signed_load(
     tmp_path: Path, tiny_engine: Path, demo_data: Path, jpegs_b64: list[str]
 ) -> None:
@@ -65,7 +54,7 @@ async def test_train_now_promotes_and_hot_swap_serves_it_under_signed_load(
         miner = d.snapshot().hotkey
         before = await query(d.port, miner, jpegs_b64[0])
         stop = asyncio.Event()
-        load = [asyncio.create_task(answer_loop(d.port, miner, j, stop)) for j in jpegs_b64[:2]]
+        load = [asyncio.create_task(query_loop(d.port, miner, j, stop)) for j in jpegs_b64[:2]]
         started = await asyncio.to_thread(call, cfg.socket_path, "train_now")
         with pytest.raises(RuntimeError, match="still going"):
             await asyncio.to_thread(call, cfg.socket_path, "train_now")  # one run at a time
@@ -143,23 +132,18 @@ path = "folder"
 """
 
 
-def _cli(daemon: DaemonProcess, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    cmd = [sys.executable, "-m", "svd", "--config", str(daemon.config), *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
-
-
 @pytest.mark.parametrize("daemon", [FOLDER_TRAIN], indirect=True)
 async def test_a_failing_run_is_shown_and_serving_goes_on(
     daemon: DaemonProcess, demo_data: Path, jpegs_b64: list[str]
 ) -> None:
     image_folder(daemon.config.parent / "folder", demo_data, 60, broken=7)
     assert (await query(daemon.port, daemon.hotkey, jpegs_b64[0]))[0] == 200
-    done = _cli(daemon, "train", "now", "--wait", "--json")
+    done = daemon.cli("train", "now", "--wait", "--json", timeout=300)
     assert done.returncode == 1, done.stderr
     last = json.loads(done.stdout)
     assert last["result"] == "failed" and "truncated" in last["reason"], last
     assert (await query(daemon.port, daemon.hotkey, jpegs_b64[1]))[0] == 200
-    text = _cli(daemon, "status").stdout
+    text = daemon.cli("status", timeout=300).stdout
     assert "failed" in text and "training" in text
     assert daemon.proc.poll() is None
 
@@ -170,7 +154,7 @@ async def test_a_killed_run_leaves_no_engine_and_the_restarted_daemon_serves(
 ) -> None:
     image_folder(daemon.config.parent / "folder", demo_data, 60)
     cfg = load_config(daemon.config)
-    started = _cli(daemon, "train", "now", "--json")
+    started = daemon.cli("train", "now", "--json", timeout=300)
     assert started.returncode == 0, started.stderr
     deadline = time.monotonic() + 60
     while True:  # kill it mid-run: the run takes seconds, status answers in milliseconds
