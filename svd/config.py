@@ -41,7 +41,10 @@ class ConfigError(Exception):
 class ServerConfig:
     host: str = "0.0.0.0"
     port: int = 8091
-    max_body_bytes: int = 2_000_000
+    # The base64 JSON body of the largest image decode takes (decode.max_image_bytes * 4/3, and the JSON).
+    max_body_bytes: int = 22_000_000
+    # Body bytes all requests in flight hold together; beyond it a new request gets 503 before it is read.
+    max_inflight_body_bytes: int = 128_000_000
     max_header_bytes: int = 16_384
     # Bittensor dendrites send `timeout` (9 s for NATIX); it is unsigned, so cap it.
     timeout_cap_s: float = 12.0
@@ -54,6 +57,12 @@ class ServerConfig:
     def validate(self) -> None:
         _check(0 <= self.port <= 65535, "server.port", "an integer 0..65535", self.port)
         _check(self.max_body_bytes >= 1024, "server.max_body_bytes", "an integer >= 1024", self.max_body_bytes)
+        _check(
+            self.max_inflight_body_bytes >= self.max_body_bytes,
+            "server.max_inflight_body_bytes",
+            "an integer >= server.max_body_bytes",
+            self.max_inflight_body_bytes,
+        )
         _check(self.max_header_bytes >= 1024, "server.max_header_bytes", "an integer >= 1024", self.max_header_bytes)
         _check(self.timeout_cap_s > 0, "server.timeout_cap_s", "a number > 0", self.timeout_cap_s)
         _check(
@@ -212,8 +221,9 @@ class BatcherConfig:
 @dataclass(frozen=True)
 class DecodeConfig:
     threads: int = 2
-    max_image_bytes: int = 1_500_000
-    max_pixels: int = 1024 * 1024
+    # Today's validators send native-size images: 24 MP photos pass, 30 MP do not (config.toml says why).
+    max_image_bytes: int = 16_000_000
+    max_pixels: int = 25_000_000
     formats: tuple[str, ...] = IMAGE_FORMATS
 
     def validate(self) -> None:

@@ -33,7 +33,7 @@ from svd.engine.writer import remove_stale_temp_dirs
 from svd.errors import ShuttingDown
 from svd.metrics import MetricsServer
 from svd.notify import Notifier
-from svd.process import StartupError, bind_listener, bounded, lock_state_dir
+from svd.process import StartupError, bind_listener, bounded, lock_state_dir, return_large_buffers_to_os
 from svd.samples.db import DatabaseError
 from svd.samples.log import SampleLog
 from svd.serve.auth import Authenticator, TrustRules
@@ -116,6 +116,7 @@ class Daemon:
 
     async def startup(self) -> None:
         cfg = self.cfg
+        return_large_buffers_to_os()  # decoded native-size images must not ratchet RSS up
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
         self._lock = lock_state_dir(cfg.state_dir)
         # Bound now, listened on once ready: a taken port stops start-up before anything slow loads.

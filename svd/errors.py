@@ -31,6 +31,14 @@ class PayloadTooLarge(SvdError):
     refusal = True
 
 
+class LengthRequired(SvdError):
+    """A body without Content-Length: its share of the in-flight budget cannot be known before reading it."""
+
+    status = 411
+    reason = "no_content_length"
+    refusal = True
+
+
 class Unauthorized(SvdError):
     """Signature, receiver or nonce check failed."""
 

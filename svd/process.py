@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import errno
 import fcntl
 import os
@@ -16,6 +18,9 @@ import structlog
 log = structlog.get_logger(__name__)
 LOCK_FILE = "svd.lock"
 SHUTDOWN_STEP_S = 5.0
+# glibc's mallopt parameter, and the size from which an allocation gets pages of its own.
+_M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD = 1 << 20
 
 
 class StartupError(Exception):
@@ -34,6 +39,24 @@ async def bounded(step: Awaitable[Any], what: str, stragglers: int = 0, timeout_
         log.warning("shutdown_step_abandoned", step=what, after_s=timeout_s, stragglers=stragglers)
     except Exception as e:
         log.error("shutdown_step_failed", step=what, error=repr(e))
+
+
+def return_large_buffers_to_os() -> bool:
+    """Allocations of 1 MiB and more get pages of their own, given back to the OS when freed.
+
+    Native-size images are decoded in tens of MB (Pillow's 16 MiB blocks, the body
+    bytes). glibc's default threshold grows after the first such buffer is freed,
+    and later ones land in per-thread heaps that are never trimmed: measured, two
+    decode threads on 25 MP PNGs left RSS 300 MB above where it started, for good;
+    with the threshold fixed it stays flat. Fixing it also turns off that growth.
+    Returns False where the C library has no mallopt (not glibc).
+    """
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name)
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+    except (OSError, AttributeError, TypeError):
+        return False
 
 
 def bind_listener(host: str, port: int) -> socket.socket:

@@ -22,6 +22,7 @@ from bittensor_wallet import Keypair, Wallet
 from svd.config import Config, config_from_dict, load_config
 from svd.daemon import Daemon
 from svd.engine.manifest import EngineIdentity
+from svd.engine.preprocess import LEGACY
 from svd.serve.chain import ChainSource
 
 # Callers of the tests: a validator with stake, one with less, and a stranger.
@@ -86,6 +87,7 @@ class FakeEngine:
     def __init__(self, latency_s: float = 0.0, fail: bool = False, nan: bool = False, short: bool = False) -> None:
         self.name = "fake"
         self.identity = EngineIdentity("fake", "0", "")
+        self.preprocess = LEGACY
         self.short = short
         self.latency_s = latency_s
         self.fail = fail

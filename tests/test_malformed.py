@@ -76,7 +76,7 @@ class Payloads:
     jpeg_b64: str
     too_many_pixels_jpeg: bytes  # a real, valid JPEG above decode.max_pixels
     png_bomb_20k: bytes  # 1-bit 20000x20000 of zeros: 400 Mpx in ~50 kB
-    png_bomb_5k: bytes
+    png_bomb_over_max: bytes  # 1-bit, just over decode.max_pixels
     png_cut_short: bytes  # RGB of decode.max_pixels whose pixel data stops halfway
     png_text_bomb: bytes  # a small valid PNG with a zTXt chunk inflating to 50 MB
     png_icc_bomb: bytes  # same, as an iCCP profile
@@ -175,7 +175,7 @@ KINDS: dict[str, Kind] = {
     ),
     "jpeg_too_many_pixels": Kind(413, lambda m: m.image_bytes(m.p.too_many_pixels_jpeg)),
     "png_bomb_20000px": Kind(413, lambda m: m.image_bytes(m.p.png_bomb_20k)),
-    "png_bomb_5000px": Kind(413, lambda m: m.image_bytes(m.p.png_bomb_5k)),
+    "png_bomb_over_max_pixels": Kind(413, lambda m: m.image_bytes(m.p.png_bomb_over_max)),
     "png_idat_cut_short": Kind(400, lambda m: m.image_bytes(m.p.png_cut_short)),
     "png_ztxt_bomb": Kind(400, lambda m: m.image_bytes(m.p.png_text_bomb)),
     "png_iccp_bomb": Kind(400, lambda m: m.image_bytes(m.p.png_icc_bomb)),
@@ -239,10 +239,10 @@ KINDS: dict[str, Kind] = {
     "chunked_and_content_length": Kind(400, lambda m: m.raw(b"Transfer-Encoding: chunked\r\n"), parser=True),
     # in one write with its headers, so the parser meets the bad chunk before the handler starts...
     "chunked_bad_chunk_size": Kind(400, lambda m: m.raw(CHUNKED, BAD_CHUNKS, length=False), parser=True),
-    # ...unless it arrives once the handler waits for the body: then it must be answered by the
-    # caller's deadline (its timeout header), like a body that stops coming
+    # ...unless it arrives once the handler has the headers: a body of unknown length cannot be
+    # claimed from the in-flight budget, so it is refused before a byte of it is read
     "chunked_bad_chunk_size_late": Kind(
-        408, lambda m: m.raw(CHUNKED, BAD_CHUNKS, length=False, wait=True, spoil={"timeout": SHORT_TIMEOUT})
+        411, lambda m: m.raw(CHUNKED, BAD_CHUNKS, length=False, wait=True, spoil={"timeout": SHORT_TIMEOUT})
     ),
     "body_stops_midway": Kind(
         408, lambda m: m.raw(b"", b'{"image": "/9j/', unsent=1000, spoil={"timeout": SHORT_TIMEOUT})
@@ -301,7 +301,7 @@ def payloads() -> Payloads:
         jpeg_b64=base64.b64encode(jpeg).decode(),
         too_many_pixels_jpeg=_saved("JPEG", (side, side)),
         png_bomb_20k=_png(20_000, 20_000, 1, 0),
-        png_bomb_5k=_png(5_000, 5_000, 1, 0),
+        png_bomb_over_max=_png(side, side, 1, 0),
         png_cut_short=_png(side - 64, side - 64, 8, 2, cut_short=True),
         png_text_bomb=_with_chunk(_saved("PNG"), _png_chunk(b"zTXt", b"Comment\0\0" + inflate_50mb)),
         png_icc_bomb=_with_chunk(_saved("PNG"), _png_chunk(b"iCCP", b"icc\0\0" + inflate_50mb)),

@@ -51,6 +51,8 @@ from svd.engine.model import (
     tiny_siglip2_config,
 )
 from svd.engine.parity import check_onnx_parity, gate_parity
+from svd.engine.preprocess import DEFAULT as DEFAULT_PREPROCESS
+from svd.engine.preprocess import Preprocess
 from svd.engine.writer import SharedPart, write_engine_dir
 
 # transformers is the `build` extra: writing a head-only engine (training) must not need it.
@@ -207,6 +209,7 @@ def build_demo_engine(
     head_nan: bool = False,
     ensemble: bool = False,
     siglip_config: SiglipVisionConfig | None = None,
+    preprocess: Preprocess = DEFAULT_PREPROCESS,
 ) -> Path:
     """Builds `engines_dir/<name>` from seeded random tiny backbone(s) and head; never downloads.
 
@@ -222,6 +225,7 @@ def build_demo_engine(
         head_nan: test hook, see assemble_engine(poison_head=...).
         ensemble: add a tiny SigLIP2 member after the DINOv3 one.
         siglip_config: its config; default tiny_siglip2_config().
+        preprocess: how a query image becomes the input (recorded in the manifest).
 
     Raises:
         EngineError: parity failed or the target exists; nothing is written.
@@ -244,6 +248,7 @@ def build_demo_engine(
         flip_tta=flip_tta,
         threshold=threshold,
         members=_members(backbone, ids),
+        preprocess=preprocess,
     )
     head = random_head(backbone.feature_dims, head_hidden, seed + 1)
     return assemble_engine(
@@ -286,6 +291,7 @@ def build_engine(
     opset: int = DEFAULT_OPSET,
     torch_parts: bool = False,
     plan_max_batch: int = PLAN_MAX_BATCH,
+    preprocess: Preprocess = DEFAULT_PREPROCESS,
 ) -> Path:
     """Builds an engine from backbone ids (hub ids, or random:<family>-tiny for tests) and a head.safetensors.
 
@@ -328,6 +334,7 @@ def build_engine(
         train_run_id=train_run_id,
         holdout_metrics=dict(holdout_metrics or {}),
         members=_members(backbone, ids),
+        preprocess=preprocess,
     )
     return assemble_engine(
         engines_dir / name,
@@ -349,6 +356,7 @@ def write_head_engine(
     train_run_id: str | None = None,
     holdout_metrics: Mapping[str, float] | None = None,
     created: datetime | None = None,
+    preprocess: Preprocess | None = None,
 ) -> Manifest:
     """Writes engine `target`: a new head on `base`'s backbone; returns its manifest.
 
@@ -357,8 +365,9 @@ def write_head_engine(
     `base` swaps to it by loading the head alone. Name (target's directory
     name), version, created time, run id and holdout metrics are new; the
     decision threshold is 0.5 (a trained head folds its decision bias into
-    the logit, because validators round at 0.5). Written atomically like any
-    engine, so the watcher sees it whole or not at all.
+    the logit, because validators round at 0.5). The mapping (preprocess) is
+    `base`'s unless given: a head is served the way it was trained. Written
+    atomically like any engine, so the watcher sees it whole or not at all.
 
     Raises:
         EngineError: `base` is not an engine, the head does not fit its members,
@@ -385,5 +394,6 @@ def write_head_engine(
         threshold=0.5,
         train_run_id=train_run_id,
         holdout_metrics=metrics,
+        preprocess=preprocess or manifest.preprocess,
     )
     return write_engine_dir(target, new, parts)

@@ -97,6 +97,8 @@ class Engine:
         self.name = manifest.name
         self.version = manifest.version
         self.identity = manifest.identity
+        # How a query image becomes this engine's input (svd.engine.preprocess).
+        self.preprocess = manifest.preprocess
         self._shared = (
             backend if isinstance(backend, SharedBackend) else SharedBackend(backend, manifest.backbone_sha256)
         )

@@ -16,6 +16,8 @@ from typing import Any
 
 import structlog
 
+from svd.engine.preprocess import LEGACY, Preprocess
+
 log = structlog.get_logger(__name__)
 
 FORMAT_VERSION = 1
@@ -93,6 +95,9 @@ class Manifest:
         members: the backbones in graph (and feature) order. Left empty, one
             member is derived from a single backbone id (engines built before
             ensembles have no such field; all of them were DINOv3).
+        preprocess: how an encoded image becomes `input` (svd.engine.preprocess),
+            for serving and training alike; engines written before the field
+            existed get LEGACY, what they were always fed.
     """
 
     name: str
@@ -110,6 +115,7 @@ class Manifest:
     plan: dict[str, Any] | None = None
     parts: dict[str, str] = field(default_factory=dict)
     members: tuple[Member, ...] = ()
+    preprocess: Preprocess = LEGACY
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
@@ -123,6 +129,7 @@ class Manifest:
         data["created"] = self.created.isoformat()
         data["backbone_ids"] = list(self.backbone_ids)
         data["members"] = [asdict(m) for m in self.members]
+        data["preprocess"] = asdict(self.preprocess)
         return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
     @classmethod
@@ -174,6 +181,7 @@ _SCALAR_TYPES: dict[str, tuple[type, ...]] = {
     "backbone_ids": (list,),
     "input": (dict,),
     "members": (list,),
+    "preprocess": (dict,),
 }
 _REQUIRED = ("format_version", "name", "version", "created", "backbone_ids", "input", "feature_dim", "parts")
 
@@ -214,6 +222,7 @@ def _manifest_from_dict(data: dict[str, Any], source: str) -> Manifest:
     values["parts"] = check_part_names(source, data["parts"])
     values["members"] = _members_from_list(source, data.get("members", []))
     values["threshold"] = float(data.get("threshold", 0.5))
+    values["preprocess"] = _preprocess_from_dict(source, data.get("preprocess"))
     manifest = Manifest(**values)
     _check_members(source, manifest)
     return manifest
@@ -231,6 +240,22 @@ def _members_from_list(source: str, items: list[Any]) -> tuple[Member, ...]:
             _check_type(source, f"members[{i}].{key}", item[key], (typ,))
         members.append(Member(**{k: item[k] for k in types}))
     return tuple(members)
+
+
+def _preprocess_from_dict(source: str, data: dict[str, Any] | None) -> Preprocess:
+    if data is None:
+        return LEGACY
+    types = {"mapping": str, "resample": str, "draft": bool}
+    unknown = sorted(set(data) - set(types))
+    if unknown:
+        raise EngineError(f"{source}: field 'preprocess' has unknown keys {unknown}")
+    for key, typ in types.items():
+        if key in data:
+            _check_type(source, f"preprocess.{key}", data[key], (typ,))
+    try:
+        return Preprocess(**data)
+    except ValueError as exc:
+        raise EngineError(f"{source}: field 'preprocess': {exc}") from exc
 
 
 def _check_members(source: str, manifest: Manifest) -> None:

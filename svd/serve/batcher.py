@@ -22,8 +22,10 @@ import structlog
 
 from svd.engine.load import EngineOutputError
 from svd.engine.manifest import EngineIdentity
+from svd.engine.preprocess import Preprocess, map_bytes
 from svd.engine.worker import EngineStepTimeout, EngineWorker
 from svd.errors import EngineDead, EngineFailure, Overloaded, RequestTimeout, ShuttingDown, SvdError
+from svd.serve.decode import Decoded
 from svd.status import Stats
 
 log = structlog.get_logger(__name__)
@@ -43,6 +45,9 @@ class EngineResult(Protocol):
 class InferEngine(Protocol):
     @property
     def identity(self) -> EngineIdentity: ...
+
+    @property
+    def preprocess(self) -> Preprocess: ...
 
     def infer(self, images: np.ndarray) -> EngineResult: ...
 
@@ -70,6 +75,8 @@ class Item:
     image: np.ndarray = field(compare=False)
     deadline: float = field(compare=False)
     future: asyncio.Future[Prediction] = field(compare=False)
+    # Where the pixels came from, to map them again if a swap changed the mapping meanwhile.
+    decoded: Decoded | None = field(default=None, compare=False)
 
     @property
     def stake(self) -> float:
@@ -139,11 +146,18 @@ class Batcher:
         """Queued requests whose callers still wait."""
         return sum(1 for item in self._queue if not item.future.done())
 
-    def submit(self, image: np.ndarray, stake: float, deadline: float) -> asyncio.Future[Prediction]:
+    @property
+    def preprocess(self) -> Preprocess:
+        """The serving engine's mapping, for decoding the next query."""
+        return self._serving.engine.preprocess
+
+    def submit(self, image: Decoded | np.ndarray, stake: float, deadline: float) -> asyncio.Future[Prediction]:
         """Queue one decoded image; the Future resolves to its Prediction."""
         if self._closed is not None:
             raise self._closed
-        item = Item((-stake, deadline, next(self._seq)), image, deadline, asyncio.get_running_loop().create_future())
+        decoded, pixels = (image, image.pixels) if isinstance(image, Decoded) else (None, image)
+        future = asyncio.get_running_loop().create_future()
+        item = Item((-stake, deadline, next(self._seq)), pixels, deadline, future, decoded)
         if len(self._queue) >= self._max_queue:
             self._purge_abandoned()
         if len(self._queue) >= self._max_queue:
@@ -200,13 +214,12 @@ class Batcher:
             raise
 
     async def _run_batch(self, batch: list[Item]) -> None:
-        images = np.stack([item.image for item in batch])
         engine = self._serving.engine
         identity = engine.identity
         start = self._clock()
         self.in_flight = len(batch)
         try:
-            future = self._worker.submit(engine.infer, images)
+            future = self._worker.submit(_infer, engine, batch)
             # The batch is queued on the engine's lane now; requests left behind it keep holding
             # the idle lane, and with none left a background slice may follow this batch.
             self._worker.set_waiting(bool(self._queue))
@@ -250,6 +263,24 @@ class Batcher:
         while self._queue:
             _fail(heapq.heappop(self._queue), dead)
         self._worker.set_waiting(False)
+
+
+def _infer(engine: InferEngine, batch: list[Item]) -> EngineResult:
+    """On the engine thread: the batch's inputs, in the engine's own mapping, through the engine.
+
+    An image decoded for the engine served before a swap that changed the mapping is
+    mapped again from its bytes (rare: only what was queued across such a swap).
+    """
+    mapping = engine.preprocess
+    images = np.stack(
+        [
+            map_bytes(item.decoded.raw, mapping)
+            if item.decoded is not None and item.decoded.preprocess != mapping
+            else item.image
+            for item in batch
+        ]
+    )
+    return engine.infer(images)
 
 
 def _fail(item: Item, error: SvdError) -> None:

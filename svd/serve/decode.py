@@ -1,7 +1,10 @@
-"""Image bytes to the engine's input: base64 -> image -> RGB uint8 224x224.
+"""Image bytes to the engine's input: base64 -> image of any size -> the engine's mapping -> RGB 224x224.
 
-Runs in a small thread pool, never on the event loop. Every way a hostile or
-broken image can fail becomes BadRequest or PayloadTooLarge.
+Runs in a small thread pool, never on the event loop. The pixel count is read
+from the header and checked before anything is decoded (decompression bombs);
+the mapping itself (svd.engine.preprocess) is the engine's, the same function
+training renders its views with. Every way a hostile or broken image can fail
+becomes BadRequest or PayloadTooLarge.
 """
 
 from __future__ import annotations
@@ -14,9 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from svd.engine.preprocess import LEGACY, Preprocess, to_input
 from svd.errors import BadRequest, PayloadTooLarge
-
-SIZE = 224
 
 
 @dataclass(frozen=True)
@@ -33,15 +35,18 @@ class Decoded:
     pixels: np.ndarray  # (224, 224, 3) uint8 RGB
     raw: bytes  # the encoded image as the caller sent it
     format: str  # PIL's name, lower case: "jpeg", "png", "webp"
+    preprocess: Preprocess  # the mapping the pixels were made with
+    width: int = 0  # the image's own size, from its header
+    height: int = 0
 
 
-def decode_image(b64: str, limits: DecodeLimits) -> np.ndarray:
+def decode_image(b64: str, limits: DecodeLimits, preprocess: Preprocess = LEGACY) -> np.ndarray:
     """Decode a base64 image into a (224, 224, 3) uint8 RGB array."""
-    return decode(b64, limits).pixels
+    return decode(b64, limits, preprocess).pixels
 
 
-def decode(b64: str, limits: DecodeLimits) -> Decoded:
-    """Decode a base64 image; the pixels, and the bytes and format they came from."""
+def decode(b64: str, limits: DecodeLimits, preprocess: Preprocess = LEGACY) -> Decoded:
+    """Decode a base64 image with the engine's mapping; the pixels, and the bytes and format they came from."""
     if not b64:
         raise BadRequest("field image is empty", reason="bad_image")
     # base64 is 4/3 of the bytes: refuse before decoding anything.
@@ -51,21 +56,18 @@ def decode(b64: str, limits: DecodeLimits) -> Decoded:
         raw = base64.b64decode(b64, validate=True)
     except (binascii.Error, ValueError):
         raise BadRequest("field image is not valid base64", reason="bad_image") from None
-    pixels, fmt = _to_array(raw, limits)
-    return Decoded(pixels, raw, fmt)
+    return decode_raw(raw, limits, preprocess)
 
 
-def _to_array(raw: bytes, limits: DecodeLimits) -> tuple[np.ndarray, str]:
+def decode_raw(raw: bytes, limits: DecodeLimits, preprocess: Preprocess) -> Decoded:
+    """Decode encoded image bytes (no base64) with the given mapping."""
     try:
         with Image.open(io.BytesIO(raw), formats=list(limits.formats)) as im:
             width, height = im.size
             if width * height > limits.max_pixels:
                 raise PayloadTooLarge(f"image has {width}x{height} pixels, more than {limits.max_pixels}")
             fmt = (im.format or "unknown").lower()
-            if im.format == "JPEG":
-                # Let libjpeg decode large JPEGs at a reduced scale: far less work.
-                im.draft("RGB", (SIZE, SIZE))
-            rgb = im.convert("RGB")
+            pixels = to_input(im, preprocess)
     except PayloadTooLarge:
         raise
     except Image.UnidentifiedImageError:
@@ -76,6 +78,4 @@ def _to_array(raw: bytes, limits: DecodeLimits) -> tuple[np.ndarray, str]:
         raise PayloadTooLarge("image is a decompression bomb") from None
     except Exception as e:  # truncated data, broken headers, PIL's own limits
         raise BadRequest(f"image cannot be decoded: {type(e).__name__}", reason="bad_image") from None
-    if rgb.size != (SIZE, SIZE):
-        rgb = rgb.resize((SIZE, SIZE), Image.Resampling.BILINEAR)
-    return np.asarray(rgb, dtype=np.uint8), fmt
+    return Decoded(pixels, raw, fmt, preprocess, width, height)

@@ -1,7 +1,10 @@
 """The validator listener: HTTP request -> checks -> decode -> batcher -> answer.
 
 Every failure becomes a typed SvdError answered with its status and a JSON
-message; nothing a caller sends can crash the handler.
+message; nothing a caller sends can crash the handler. Bodies of today's
+validators carry native-size images (megabytes each), so the bytes that all
+requests in flight hold together are bounded (BodyBudget): beyond it a new
+request gets a fast 503 before its body is read.
 """
 
 from __future__ import annotations
@@ -17,7 +20,16 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 
 from svd.config import ServerConfig
-from svd.errors import BadRequest, PayloadTooLarge, RequestTimeout, SlowBody, SvdError, Unauthorized
+from svd.errors import (
+    BadRequest,
+    LengthRequired,
+    Overloaded,
+    PayloadTooLarge,
+    RequestTimeout,
+    SlowBody,
+    SvdError,
+    Unauthorized,
+)
 from svd.samples.log import SampleLog
 from svd.serve import btauth, protocol
 from svd.serve.auth import Authenticator, Caller
@@ -26,6 +38,37 @@ from svd.serve.decode import Decoded, DecodeLimits, decode
 from svd.status import Stats
 
 log = structlog.get_logger(__name__)
+
+
+class BodyBudget:
+    """The body bytes all requests in flight may hold together.
+
+    A request claims its Content-Length before its body is read, and gives it
+    back when answered; a body without one is refused (411): dendrites and
+    bittensor 11 clients always send it, and an unknown size cannot be claimed. The
+    claim stands for everything the body becomes until then: the body (aiohttp
+    keeps it with the request), the parsed JSON's base64 string and the image
+    bytes, about 2.75 times the claim in memory (config.toml sizes the bound).
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.held = 0
+        self.peak = 0
+
+    def claim(self, n: int) -> int:
+        """Takes n bytes of the budget; raises Overloaded (503) when they do not fit."""
+        if self.held + n > self.max_bytes:
+            raise Overloaded(
+                f"too many large requests in flight ({self.held} of {self.max_bytes} body bytes held)",
+                reason="bodies_in_flight",
+            )
+        self.held += n
+        self.peak = max(self.peak, self.held)
+        return n
+
+    def release(self, n: int) -> None:
+        self.held -= n
 
 
 @dataclass
@@ -40,6 +83,9 @@ class Frontend:
     stats: Stats
     samples: SampleLog | None = None  # None when [samples] is off
 
+    def __post_init__(self) -> None:
+        self.bodies = BodyBudget(self.cfg.max_inflight_body_bytes)
+
     def make_app(self) -> web.Application:
         # Body size is enforced by aiohttp while reading (413), before JSON parsing.
         app = web.Application(client_max_size=self.cfg.max_body_bytes)
@@ -52,26 +98,30 @@ class Frontend:
         name = request.path.lstrip("/")
         caller = None
         timeout = self.cfg.default_timeout_s
+        claimed = 0
         try:
             if btauth.is_btauth(request.headers):
                 deadline = start + max(timeout - self.cfg.response_margin_s, 0.0)
-                identity, raw = await self._btauth(request, deadline)
+                identity, raw, claimed = await self._btauth(request, deadline)
             else:
                 caller = protocol.parse_headers(request.headers)
                 identity = self.auth.check(caller)
                 if caller.timeout is not None:
                     timeout = min(caller.timeout, self.cfg.timeout_cap_s)
                 deadline = start + max(timeout - self.cfg.response_margin_s, 0.0)
+                claimed = self._claim_body(request)
                 raw = await _read_body(request, deadline)
             query = protocol.parse_body(raw)
             image = await self._decode(query.image)
-            future = self.batcher.submit(image.pixels, identity.stake, deadline)
+            future = self.batcher.submit(image, identity.stake, deadline)
             prediction = await _await_until(future, deadline)
         except SvdError as e:
             return self._error(e, request, name, timeout, caller, start)
         except Exception:  # a bug, not the caller's doing: one traceback, and still a proper answer
             log.exception("handler_failed", route=name)
             return self._error(SvdError("internal error"), request, name, timeout, caller, start)
+        finally:
+            self.bodies.release(claimed)
         elapsed = time.monotonic() - start
         self.stats.served += 1
         self.stats.latency.add(elapsed)
@@ -92,20 +142,35 @@ class Frontend:
             headers=self._headers(name, timeout, 200, "Success", elapsed, caller),
         )
 
-    async def _btauth(self, request: web.Request, deadline: float) -> tuple[Caller, bytes]:
+    async def _btauth(self, request: web.Request, deadline: float) -> tuple[Caller, bytes, int]:
         """bittensor 11's signed HTTP: trust rules from headers, then the signature over the body."""
         h = btauth.parse_btauth_headers(request.headers)
         if h.receiver != self.auth.own_hotkey:
             raise Unauthorized("request is addressed to another hotkey", reason="foreign_receiver")
         stake = self.auth.admit(h.hotkey)
-        raw = await _read_body(request, deadline)
-        btauth.verify_btauth(h, method=request.method, path=request.raw_path, body=raw, own_hotkey=self.auth.own_hotkey)
-        return self.auth.charge(h.hotkey, btauth.PROTOCOL, h.nonce, stake), raw
+        claimed = self._claim_body(request)
+        try:
+            raw = await _read_body(request, deadline)
+            path = request.raw_path
+            btauth.verify_btauth(h, method=request.method, path=path, body=raw, own_hotkey=self.auth.own_hotkey)
+        except BaseException:
+            self.bodies.release(claimed)
+            raise
+        return self.auth.charge(h.hotkey, btauth.PROTOCOL, h.nonce, stake), raw, claimed
+
+    def _claim_body(self, request: web.Request) -> int:
+        """The body's share of the in-flight budget, claimed before a byte of it is read."""
+        length = request.content_length
+        if length is None:
+            raise LengthRequired("request body needs a Content-Length")
+        if length > self.cfg.max_body_bytes:
+            raise PayloadTooLarge(f"request body of {length} bytes is larger than {self.cfg.max_body_bytes}")
+        return self.bodies.claim(length)
 
     async def _decode(self, b64: str) -> Decoded:
         started = time.monotonic()
         loop = asyncio.get_running_loop()
-        image = await loop.run_in_executor(self.decoder, decode, b64, self.limits)
+        image = await loop.run_in_executor(self.decoder, decode, b64, self.limits, self.batcher.preprocess)
         self.stats.decode_time.add(time.monotonic() - started)
         return image
 
