@@ -245,9 +245,12 @@ class DaemonConfig:
     log_level: str = "info"
     # auto: JSON lines when stdout is not a terminal (journald), console otherwise.
     log_format: str = "auto"
+    # `svd doctor` and `svd status` warn when no validator query came for this many hours.
+    no_query_warn_h: float = 6.0
 
     def validate(self) -> None:
         _check(0 <= self.shutdown_grace_s <= 600, "daemon.shutdown_grace_s", "a number 0..600", self.shutdown_grace_s)
+        _check(self.no_query_warn_h > 0, "daemon.no_query_warn_h", "a number of hours > 0", self.no_query_warn_h)
         levels = ("debug", "info", "warning", "error")
         _check(self.log_level in levels, "daemon.log_level", f"one of {', '.join(levels)}", self.log_level)
         formats = ("auto", "json", "console")
@@ -343,6 +346,32 @@ class TrainSource:
 
 
 SOURCE_KINDS = ("natix_parquet", "image_folder")
+# The validators whose challenges training views imitate (docs/training.md): "current" sends the
+# image at its native size, un-distorted, re-saved as JPEG 75; "v0.2" (January 2026) distorts it
+# (levels 0-3) at 224x224.
+GENERATIONS = ("current", "v0.2")
+
+
+def parse_generation(text: str) -> tuple[tuple[str, float], ...]:
+    """`[train] generation`: one generation ("current"), or a weighted mix ("current:3, v0.2:1").
+
+    Returns (generation, share) pairs in GENERATIONS order, shares summing to 1; raises ValueError.
+    """
+    weights: dict[str, float] = {}
+    for part in text.split(","):
+        name, _, weight = (t.strip() for t in part.partition(":"))
+        if name not in GENERATIONS or name in weights:
+            raise ValueError(f"{name!r} is not one of {', '.join(GENERATIONS)} (each once)")
+        try:
+            weights[name] = float(weight) if weight else 1.0
+        except ValueError:
+            raise ValueError(f"weight {weight!r} of {name} is not a number") from None
+        if not (math.isfinite(weights[name]) and weights[name] >= 0):
+            raise ValueError(f"weight of {name} must be a number >= 0")
+    total = sum(weights.values())
+    if total <= 0:
+        raise ValueError("the weights must not all be 0")
+    return tuple((g, weights[g] / total) for g in GENERATIONS if weights.get(g))
 
 
 @dataclass(frozen=True)
@@ -356,7 +385,10 @@ class TrainConfig:
     # Labelled logged samples (reviewed, or testnet ground truth) from samples.db, beside `sources`.
     use_samples: bool = True
     sources: tuple[TrainSource, ...] = ()
-    # Augmented views per training / holdout image (each a validator-style distortion).
+    # Which validators' challenges the views imitate: "current", "v0.2", or a mix ("current:3, v0.2:1").
+    generation: str = "current"
+    # Views per training / holdout image of the v0.2 generation (each a validator-style distortion);
+    # a current-generation view has nothing random, so an image has one.
     views: int = 4
     holdout_views: int = 2
     holdout_permille: int = 150
@@ -394,6 +426,11 @@ class TrainConfig:
                 src.path or src.repo,
             )
             _check(src.weight >= 0, f"{key}.weight", "a number >= 0", src.weight)
+        try:
+            parse_generation(self.generation)
+        except ValueError as exc:
+            _check(False, "train.generation", f'"current", "v0.2" or a mix such as "current:3, v0.2:1" ({exc})',
+                   self.generation)  # fmt: skip
         _check(1 <= self.views <= 64, "train.views", "an integer 1..64", self.views)
         _check(1 <= self.holdout_views <= 64, "train.holdout_views", "an integer 1..64", self.holdout_views)
         for key in ("holdout_permille", "validation_permille"):
@@ -442,6 +479,11 @@ class Config:
     @property
     def socket_path(self) -> Path:
         return self.state_dir / "svd.sock"
+
+    @property
+    def validators_path(self) -> Path:
+        """The record of validators' queries (state/validators.json)."""
+        return self.state_dir / "validators.json"
 
     @property
     def train_dir(self) -> Path:

@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from svd.config import load_config
 from svd.train.demo_data import (
     DEFAULT_SIZES,
     SYNTHETIC_SIZE,
@@ -40,7 +41,7 @@ def _rows(files: list[Path]) -> list[dict[str, object]]:
 
 
 def test_parquet_layout_matches_the_hub_set(tmp_path: Path) -> None:
-    summary = write_demo_data(tmp_path, 40, seed=3, shard_rows=15, disagree_share=0.2)
+    summary = write_demo_data(tmp_path, 40, seed=3, shard_rows=15, disagree_share=0.2, synthetic_share=0.0)
     names = [f.name for f in summary.files]
     assert names == [f"train-0000{k}-of-00003.parquet" for k in range(3)]
     schema = pq.read_schema(summary.files[0])
@@ -65,7 +66,7 @@ def test_parquet_layout_matches_the_hub_set(tmp_path: Path) -> None:
 
 def test_datasets_reads_an_image_feature(tmp_path: Path) -> None:
     datasets = pytest.importorskip("datasets")
-    summary = write_demo_data(tmp_path / "set", 12, seed=1, shard_rows=5)
+    summary = write_demo_data(tmp_path / "set", 12, seed=1, shard_rows=5, synthetic_share=0.0)
     ds = datasets.load_dataset(
         "parquet", data_files=[str(f) for f in summary.files], split="train", cache_dir=str(tmp_path / "cache")
     )
@@ -76,7 +77,7 @@ def test_datasets_reads_an_image_feature(tmp_path: Path) -> None:
 
 
 def test_sources_skip_and_count_disagreeing_rows(tmp_path: Path) -> None:
-    summary = write_demo_data(tmp_path, 60, seed=5, shard_rows=25, disagree_share=0.25)
+    summary = write_demo_data(tmp_path, 60, seed=5, shard_rows=25, disagree_share=0.25, synthetic_share=0.0)
     rows = _rows(summary.files)
     label_0_described = sum(1 for r in rows if r["label"] == 0 and r["scene_description"])
     label_1_bare = sum(1 for r in rows if r["label"] == 1 and not r["scene_description"])
@@ -100,8 +101,8 @@ def test_sources_skip_and_count_disagreeing_rows(tmp_path: Path) -> None:
 
 
 def test_same_seed_same_rows_whatever_the_sharding(tmp_path: Path) -> None:
-    a = write_demo_data(tmp_path / "a", 24, seed=7, shard_rows=10)
-    b = write_demo_data(tmp_path / "b", 24, seed=7, shard_rows=24, workers=2)
+    a = write_demo_data(tmp_path / "a", 24, seed=7, shard_rows=10, synthetic_share=0.0)
+    b = write_demo_data(tmp_path / "b", 24, seed=7, shard_rows=24, workers=2, synthetic_share=0.0)
     assert _rows(a.files) == _rows(b.files)
     tail = list(demo_rows(4, seed=7, start=20))
     assert [r.image for r in tail] == [r["image"]["bytes"] for r in _rows(a.files)[20:]]  # type: ignore[index]
@@ -127,12 +128,20 @@ def test_cli_writes_the_set(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     args = parser.parse_args(
-        [str(tmp_path / "out"), "--count", "8", "--seed", "4", "--shard-rows", "3", "--workers", "1"]
+        [str(tmp_path / "out"), "--count", "12", "--seed", "4", "--shard-rows", "3", "--workers", "1"]
     )
     assert args.func is run_demo_data
     assert run_demo_data(args, make_config(tmp_path)) == 0
+    # A third synthetic by default, as validators draw them; the rest parquet rows.
     assert len(list((tmp_path / "out" / "data").glob("train-*-of-00003.parquet"))) == 3
-    assert "8 parquet rows" in capsys.readouterr().out
+    assert len(list((tmp_path / "out" / "synthetic").rglob("*.png"))) == 4
+    out = capsys.readouterr().out
+    assert "8 parquet rows" in out and "4 synthetic PNGs" in out
+    # The sources it prints are a config that loads and names both.
+    toml = out.split("add to config.toml:")[1]
+    (tmp_path / "svd.toml").write_text(toml)
+    sources = load_config(tmp_path / "svd.toml").train.sources
+    assert [(s.kind, s.synthetic) for s in sources] == [("natix_parquet", False), ("image_folder", True)]
     bad = parser.parse_args([str(tmp_path / "out2"), "--synthetic-share", "1.5"])
     assert run_demo_data(bad, make_config(tmp_path)) == 2
     assert "synthetic-share" in capsys.readouterr().err

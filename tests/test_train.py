@@ -8,8 +8,10 @@ carries a signal such a backbone keeps (svd.train.demo_scenes).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import shutil
+import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -48,6 +50,16 @@ def shuffled_data(demo_data: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     return root
 
 
+@pytest.fixture(scope="module")
+def native_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """svd demo-data's default set: native-size JPEG frames and photos (portrait too), a third 1024 PNGs."""
+    from svd.train.demo_data import write_demo_data
+
+    root = tmp_path_factory.mktemp("native")
+    write_demo_data(root, 360, seed=21, workers=2)
+    return root
+
+
 def train_config(tmp_path: Path, engine: Path, data: Path, **train: Any) -> Config:
     sources = [{"kind": "natix_parquet", "path": str(data)}]
     return make_config(tmp_path, engine, train={**TRAIN_SMALL, "sources": sources, **train})
@@ -70,7 +82,7 @@ async def test_a_run_lifts_the_random_head_and_writes_a_head_engine_then_reuses_
     cfg = train_config(tmp_path, tiny_engine, demo_data)
     engine = await serving(worker, cfg)
     stale = FeatureCache(cfg.state_dir / FEATURES_DB)  # a view cached under an earlier backbone
-    stale.put("0" * 64, [("a" * 64, 0)], np.ones((1, 8), np.float32))
+    stale.put("0" * 64, [("a" * 64, 0, "current/squash-bilinear")], np.ones((1, 8), np.float32))
     seen: list[str] = []
     first = await TrainRun(cfg, worker, engine, "test", on_progress=lambda s: seen.append(s.stage)).run()
     assert first.result == "promoted", first.reason
@@ -101,6 +113,46 @@ async def test_a_run_lifts_the_random_head_and_writes_a_head_engine_then_reuses_
     second = await TrainRun(cfg, worker, engine, "test").run()
     assert second.features["extracted"] == 0 and second.features["cached"] == first.features["views"]
     assert second.candidate == first.candidate and second.result == "promoted"
+    await worker.run(engine.close)
+
+
+async def test_today_s_validators_on_native_size_data_real_and_synthetic(
+    tmp_path: Path, tiny_engine: Path, native_data: Path, worker: EngineWorker
+) -> None:
+    """generation = "current": one view per image, the JPEG a validator of today sends, through the engine's
+    mapping; the run lifts holdout MCC, is promoted, and reports each kind of image apart."""
+    sources = [
+        {"kind": "natix_parquet", "path": str(native_data)},
+        {"kind": "image_folder", "path": str(native_data / "synthetic"), "synthetic": True},
+    ]
+    cfg = make_config(tmp_path, tiny_engine, train={**TRAIN_SMALL, "sources": sources, "generation": "current"})
+    engine = await serving(worker, cfg)
+    state = await TrainRun(cfg, worker, engine, "test").run()
+    assert state.result == "promoted", state.reason
+    cand, serv = state.candidate or {}, state.serving or {}
+    assert cand["mcc"] > serv["mcc"] + 0.2, (cand, serv)
+    # One view per image: seed 0, the current recipe in the engine's mapping.
+    with sqlite3.connect(cfg.state_dir / FEATURES_DB) as db:
+        rows = db.execute("SELECT image, seed, recipe FROM views").fetchall()
+    assert len(rows) == state.features["views"] == len({image for image, _, _ in rows})
+    assert {(seed, recipe) for _, seed, recipe in rows} == {(0, "current/squash-bilinear")}
+    report = json.loads((Path(state.report or "") / REPORT).read_text())
+    assert report["views"]["generation"] == {"current": 1.0}
+    kinds = report["verdict"]["by_kind"]
+    assert set(kinds) == {"real", "synthetic"} and kinds == state.by_kind
+    assert sum(k["n"] for k in kinds.values()) == report["data"]["holdout"]
+    for figures in kinds.values():
+        assert figures["n"] > 0 and -1.0 <= figures["candidate"]["mcc"] <= 1.0
+        assert 0.0 <= figures["candidate"]["accuracy"] <= 1.0 and 0.0 <= figures["serving"]["accuracy"] <= 1.0
+
+    # Mixing in January's validators extracts their views and keeps every current one.
+    mixed = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, generation="current:1, v0.2:1"))
+    second = await TrainRun(mixed, worker, engine, "test").run()
+    assert second.features["cached"] > 0 and second.features["extracted"] > 0 and second.features["pruned"] == 0
+    with sqlite3.connect(cfg.state_dir / FEATURES_DB) as db:
+        recipes = dict(db.execute("SELECT recipe, count(*) FROM views GROUP BY recipe").fetchall())
+    v02 = "v0.2/aug1/squash-bilinear"
+    assert recipes == {"current/squash-bilinear": state.features["views"], v02: second.features["extracted"]}
     await worker.run(engine.close)
 
 

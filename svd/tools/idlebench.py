@@ -128,7 +128,7 @@ def _train_unit(cfg: Config, daemon: Any, marks: dict[str, float]) -> Any:
 
     async def one() -> Any:
         # Every run extracts again: the feature pass is what weighs on serving.
-        await asyncio.to_thread(FeatureCache(cfg.state_dir / FEATURES_DB).prune, "")
+        await asyncio.to_thread(FeatureCache(cfg.state_dir / FEATURES_DB).prune, "", ())
         return await TrainRun(cfg, daemon.worker, daemon.serving.engine, "idlebench", on_progress=progress).run()
 
     return one

@@ -10,16 +10,20 @@ learning loop can be run and tested end to end without it:
   for label 1; empty, or null for about a third, for label 0), and metadata
   columns `id`, `width`, `height`, `city_name` as the CMU ROADWork data on the
   hub has them (the real set's other metadata columns are not confirmed; the
-  validator reads only image, label and description). Images are JPEG
-  dashcam-like frames of 1280x720, 1920x1080 or 1600x1200.
+  validator reads only image, label and description). Images are JPEGs at
+  the native sizes today's validators send (protocol.md): dashcam frames of
+  1280x720 and 1920x1080, 1600x1200, and phone-like photos, portrait
+  (1080x1920, 1512x2016) as well as landscape (2016x1512).
 - A small share of rows (`disagree_share`, default 2%) deliberately has a
   description that disagrees with its label (label 1 with an empty
   description, label 0 with one), the rows the validator's skip rule is
   there for: validators skip them and so does `svd.train.sources`. What
   their image shows does not matter.
-- Optionally (`synthetic_share` > 0) part of the images go to an image folder,
+- A share of the images (`synthetic_share`, a third by default, as in
+  today's challenges) go to an image folder,
   `DIR/synthetic/<0|1>/synthetic-NNNNNN.png`, PNG 1024x1024 like the
-  validator's SDXL images.
+  validator's SDXL text-to-image output: a source of its own
+  (`synthetic = true`), reported apart from the photos.
 
 The roadwork class carries a signal a random-weight backbone keeps through the
 validator's distortions (see svd.train.demo_scenes): figures learned on this
@@ -59,8 +63,13 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
 
-DEFAULT_SIZES: tuple[tuple[int, int], ...] = ((1280, 720), (1920, 1080), (1600, 1200))
-SIZE_ODDS = (0.45, 0.35, 0.2)
+# Native sizes: dashcam frames, a 4:3 camera, phone photos (portrait and landscape).
+DEFAULT_SIZES: tuple[tuple[int, int], ...] = (
+    (1280, 720), (1920, 1080), (1600, 1200), (1080, 1920), (1512, 2016), (2016, 1512),
+)  # fmt: skip
+SIZE_ODDS = (0.3, 0.3, 0.1, 0.1, 0.1, 0.1)
+# Today's challenges: a third real photos, a third synthetic, a third photos from NATIX's task service.
+SYNTHETIC_SHARE = 1 / 3
 SYNTHETIC_SIZE = 1024
 DISAGREE_SHARE = 0.02
 POSITIVE_SHARE = 0.5
@@ -305,7 +314,7 @@ def write_demo_data(
     count: int,
     seed: int = 0,
     *,
-    synthetic_share: float = 0.0,
+    synthetic_share: float = SYNTHETIC_SHARE,
     shard_rows: int = SHARD_ROWS,
     positive_share: float = POSITIVE_SHARE,
     disagree_share: float = DISAGREE_SHARE,
@@ -354,7 +363,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--count", type=int, default=2000, help="images in all (default 2000)")
     p.add_argument("--seed", type=int, default=0, help="the same seed always gives the same files")
     p.add_argument(
-        "--synthetic-share", type=float, default=0.0, help="share written as 1024x1024 PNGs in synthetic/ (default 0)"
+        "--synthetic-share",
+        type=float,
+        default=SYNTHETIC_SHARE,
+        help="share written as 1024x1024 PNGs in synthetic/ (default 1/3, as validators draw them)",
     )
     p.add_argument("--shard-rows", type=int, default=SHARD_ROWS, help=f"rows per parquet file (default {SHARD_ROWS})")
     p.add_argument("--positive-share", type=float, default=POSITIVE_SHARE, help="share of roadwork images")
@@ -396,7 +408,10 @@ def run_demo_data(args: argparse.Namespace, cfg: Config) -> int:
         f"{summary.rows} parquet rows ({summary.labels[1]} roadwork, {summary.disagreeing} with a description "
         f"that disagrees with the label) in {len(summary.files)} files under {args.dir / 'data'}"
     )
+    sources = f'[[train.sources]]\nkind = "natix_parquet"\npath = "{args.dir}"\n'
     if summary.synthetic:
         made = sum(summary.synthetic.values())
         print(f"{made} synthetic PNGs ({summary.synthetic[1]} roadwork) under {args.dir / 'synthetic'}")
+        sources += f'\n[[train.sources]]\nkind = "image_folder"\npath = "{args.dir / "synthetic"}"\nsynthetic = true\n'
+    print(f"\nTo train on it, add to config.toml:\n\n{sources}")
     return 0

@@ -1,89 +1,49 @@
-"""Backbone features of augmented views, computed once: the feature cache and the feature pass.
+"""Backbone features of training views, computed once: the feature cache and the feature pass.
 
-A view is (image, view seed): the seed fixes every random choice of the
-validator's distortions (svd.train.augment). Views are cached on disk in
-state/features.db (SQLite, WAL), keyed by (backbone sha256, image sha256,
-view seed, augmentation version), so a second run on the same data extracts
-nothing, and a new backbone (or new augmentation code) starts afresh.
+A view is (image, view seed, recipe) (svd.train.views). Views are cached on
+disk in state/features.db (SQLite, WAL), keyed by (backbone sha256, image
+sha256, view seed, recipe), so a second run on the same data extracts
+nothing, and a new backbone, mapping, validator generation or augmentation
+code re-extracts what no longer matches and nothing else.
 
-The pass runs in two places: distorting images is CPU work, done in a
+The pass runs in two places: rendering views is CPU work, done in a
 low-priority thread pool off the event loop and off the engine thread; only
 the backbone runs on the engine worker, as idle-lane slices sized to about
 `slice_ms` each (extract_slices()).
-
-Logged samples are already what a validator sent: their one view is the
-image as served (seed AS_SERVED), and when the serving backbone computed
-their features while answering, those are used as they are.
 """
 
 from __future__ import annotations
 
 import contextlib
-import io
 import os
 import sqlite3
 import threading
 import time
-from collections import Counter
-from collections.abc import Callable, Generator, Iterable, Sequence
+from collections.abc import Callable, Collection, Generator, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from svd.engine.worker import Progress
-from svd.train.augment import AUGMENT_VERSION, render_view, source_rgb, view_seeds
-from svd.train.logged import SERVED
-from svd.train.sources import Record, read_images
 
-AS_SERVED = -1  # the view seed of an image used as received (logged samples)
 FEATURES_DB = "features.db"
 # Where SCHED_IDLE is refused, training threads run at the lowest nice: the daemon serves first.
 TRAIN_NICE = 19
+# PRAGMA user_version of the layout below; older caches (keyed by an augmentation number) are dropped.
+SCHEMA_VERSION = 2
 
 _SCHEMA = """CREATE TABLE IF NOT EXISTS views (
     backbone TEXT NOT NULL,
     image TEXT NOT NULL,
     seed INTEGER NOT NULL,
-    augment INTEGER NOT NULL,
+    recipe TEXT NOT NULL,
     dim INTEGER NOT NULL,
     features BLOB NOT NULL,
-    PRIMARY KEY (backbone, image, seed, augment)
+    PRIMARY KEY (backbone, image, seed, recipe)
 ) WITHOUT ROWID"""
 
-
-@dataclass(frozen=True, slots=True)
-class ViewKey:
-    record: Record
-    seed: int
-
-    @property
-    def key(self) -> tuple[str, int]:
-        return self.record.sha256, self.seed
-
-
-def plan_views(records: Sequence[Record], views: int, salt: str) -> list[ViewKey]:
-    """`views` seeds per record occurrence; a record drawn twice (an up-weighted source) gets new seeds.
-
-    Records carrying served features (logged samples) get their one as-served view instead.
-    """
-    seen: Counter[str] = Counter()
-    out = []
-    for record in records:
-        if _as_served(record):
-            out.append(ViewKey(record, AS_SERVED))
-            continue
-        n = seen[record.sha256]
-        seen[record.sha256] += 1
-        seeds = view_seeds(record.sha256, views * (n + 1), salt)[views * n :]
-        out.extend(ViewKey(record, seed) for seed in seeds)
-    return out
-
-
-def _as_served(record: Record) -> bool:
-    return record.origin == SERVED
+ViewId = tuple[str, int, str]  # (image sha256, view seed, recipe)
 
 
 class FeatureCache:
@@ -104,32 +64,33 @@ class FeatureCache:
             conn = sqlite3.connect(self.path, timeout=30.0)
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = NORMAL")
+            if conn.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
+                with conn:  # a cache: what an older layout held is extracted again
+                    conn.execute("DROP TABLE IF EXISTS views")
+                    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             conn.execute(_SCHEMA)
             self._local.conn = conn
         return conn
 
-    def missing(self, backbone: str, keys: Iterable[tuple[str, int]]) -> set[tuple[str, int]]:
-        """The (image, seed) pairs not cached for this backbone."""
+    def missing(self, backbone: str, keys: Iterable[ViewId]) -> set[ViewId]:
+        """The views not cached for this backbone."""
         wanted = set(keys)
         conn = self._conn()
-        have: set[tuple[str, int]] = set()
+        have: set[ViewId] = set()
         for image in {k[0] for k in wanted}:
-            rows = conn.execute(
-                "SELECT seed FROM views WHERE backbone = ? AND image = ? AND augment = ?",
-                (backbone, image, AUGMENT_VERSION),
-            )
-            have.update((image, seed) for (seed,) in rows)
+            rows = conn.execute("SELECT seed, recipe FROM views WHERE backbone = ? AND image = ?", (backbone, image))
+            have.update((image, seed, recipe) for seed, recipe in rows)
         return wanted - have
 
-    def put(self, backbone: str, keys: Sequence[tuple[str, int]], features: np.ndarray) -> None:
+    def put(self, backbone: str, keys: Sequence[ViewId], features: np.ndarray) -> None:
         rows = [
-            (backbone, image, seed, AUGMENT_VERSION, features.shape[1], np.ascontiguousarray(f, "<f4").tobytes())
-            for (image, seed), f in zip(keys, features, strict=True)
+            (backbone, image, seed, recipe, features.shape[1], np.ascontiguousarray(f, "<f4").tobytes())
+            for (image, seed, recipe), f in zip(keys, features, strict=True)
         ]
         with self._conn() as conn:  # one transaction
             conn.executemany("INSERT OR REPLACE INTO views VALUES (?, ?, ?, ?, ?, ?)", rows)
 
-    def get(self, backbone: str, keys: Sequence[tuple[str, int]]) -> np.ndarray:
+    def get(self, backbone: str, keys: Sequence[ViewId]) -> np.ndarray:
         """Features of `keys` in order, (N, D) float32.
 
         Raises:
@@ -137,21 +98,22 @@ class FeatureCache:
         """
         conn = self._conn()
         out: list[np.ndarray] = []
-        for image, seed in keys:
+        for image, seed, recipe in keys:
             row = conn.execute(
-                "SELECT features FROM views WHERE backbone = ? AND image = ? AND seed = ? AND augment = ?",
-                (backbone, image, seed, AUGMENT_VERSION),
+                "SELECT features FROM views WHERE backbone = ? AND image = ? AND seed = ? AND recipe = ?",
+                (backbone, image, seed, recipe),
             ).fetchone()
             if row is None:
-                raise KeyError((image, seed))
+                raise KeyError((image, seed, recipe))
             out.append(np.frombuffer(row[0], dtype="<f4"))
         return np.stack(out).astype(np.float32) if out else np.zeros((0, 0), np.float32)
 
-    def prune(self, keep_backbone: str) -> int:
-        """Drops views of other backbones (or older augmentation); the rows removed."""
+    def prune(self, keep_backbone: str, recipes: Collection[str]) -> int:
+        """Drops views of other backbones, or of recipes no longer planned; the rows removed."""
+        marks = ", ".join("?" * len(recipes))
         with self._conn() as conn:
             cur = conn.execute(
-                "DELETE FROM views WHERE backbone != ? OR augment != ?", (keep_backbone, AUGMENT_VERSION)
+                f"DELETE FROM views WHERE backbone != ? OR recipe NOT IN ({marks})", (keep_backbone, *recipes)
             )
         return max(cur.rowcount, 0)
 
@@ -181,34 +143,6 @@ def _lower_priority() -> None:
     except (OSError, AttributeError):
         with contextlib.suppress(OSError, AttributeError):
             os.setpriority(os.PRIO_PROCESS, tid, TRAIN_NICE)
-
-
-def render_views(views: Sequence[ViewKey]) -> np.ndarray:
-    """uint8 (N, 224, 224, 3): each view as a validator would send it (CPU; run in the training pool).
-
-    Real JPEG photos are re-saved at quality 75 before distortion, as validators
-    do; synthetic PNGs are not. As-served views are only decoded.
-    """
-    # Each image is read, decoded and (a real photo) re-saved once, however many of its views the chunk holds.
-    refs = {v.record.sha256: v.record.ref for v in views}
-    blobs = dict(zip(refs, read_images(list(refs.values())), strict=True))
-    out = np.empty((len(views), 224, 224, 3), dtype=np.uint8)
-    decoded: dict[str, tuple[np.ndarray, bool]] = {}
-    sources: dict[str, np.ndarray] = {}
-    for i, view in enumerate(views):
-        sha = view.record.sha256
-        if sha not in decoded:
-            with Image.open(io.BytesIO(blobs[sha])) as im:
-                decoded[sha] = (np.asarray(im.convert("RGB")), im.format == "JPEG")
-        rgb, was_jpeg = decoded[sha]
-        if view.seed == AS_SERVED:
-            out[i] = np.asarray(Image.fromarray(rgb).resize((224, 224), Image.Resampling.BILINEAR))
-            continue
-        if sha not in sources:
-            sources[sha] = source = source_rgb(rgb, resave_jpeg=was_jpeg)
-            source.flags.writeable = False  # shared by the image's views: a distortion must not write into it
-        out[i] = render_view(sources[sha], view.seed).image
-    return out
 
 
 def extract_slices(

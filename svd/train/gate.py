@@ -85,6 +85,26 @@ def judge(
     return Verdict(not reasons, reasons or ["beats the serving engine on every gate"], cand, serv, gain, low)
 
 
+def by_kind(
+    candidate: np.ndarray, serving: np.ndarray, labels: np.ndarray, kinds: np.ndarray
+) -> dict[str, dict[str, Any]]:
+    """Holdout MCC and accuracy of both heads per kind of image (real, synthetic, served), with n.
+
+    Validators draw real and synthetic images alike (protocol.md): the head's weak side shows here.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for kind in sorted(set(kinds.tolist())):
+        rows = kinds == kind
+        y = labels[rows]
+        out[str(kind)] = {
+            "n": int(rows.sum()),
+            "positives": int(y.sum()),
+            "candidate": {"mcc": mcc(candidate[rows], y), "accuracy": accuracy(candidate[rows], y)},
+            "serving": {"mcc": mcc(serving[rows], y), "accuracy": accuracy(serving[rows], y)},
+        }
+    return out
+
+
 def _bootstrap_low(
     candidate: np.ndarray, serving: np.ndarray, labels: np.ndarray, images: np.ndarray, cfg: GateConfig
 ) -> dict[str, float]:

@@ -23,7 +23,7 @@ from typing import IO, Any
 import numpy as np
 import structlog
 
-from svd.config import Config, TrainConfig
+from svd.config import Config, TrainConfig, parse_generation
 from svd.engine.build import write_head_engine
 from svd.engine.head import Head
 from svd.engine.load import Engine, load_head
@@ -31,21 +31,13 @@ from svd.engine.manifest import HEAD
 from svd.engine.worker import EngineWorker, Progress
 from svd.process import try_flock
 from svd.train import logged
-from svd.train.features import (
-    AS_SERVED,
-    FEATURES_DB,
-    FeatureCache,
-    ViewKey,
-    extract_slices,
-    plan_views,
-    render_views,
-    training_pool,
-)
+from svd.train.features import FEATURES_DB, FeatureCache, extract_slices, training_pool
 from svd.train.fit import FeatureSet, FitConfig, FitResult, fit_head, head_probs, warm_optimiser
-from svd.train.gate import GateConfig, Verdict, judge
+from svd.train.gate import GateConfig, Verdict, by_kind, judge
 from svd.train.report import append_history, read_history, write_report
 from svd.train.sources import SourceSpec
 from svd.train.splits import MixConfig, assemble
+from svd.train.views import AS_SERVED, ViewKey, plan_views, render_views
 
 log = structlog.get_logger(__name__)
 
@@ -75,6 +67,8 @@ class RunState:
     engine: str | None = None
     candidate: dict[str, Any] | None = None
     serving: dict[str, Any] | None = None
+    # Holdout MCC and accuracy per kind of image (real, synthetic, served), candidate and serving.
+    by_kind: dict[str, dict[str, Any]] | None = None
     features: dict[str, int] = dataclasses.field(default_factory=dict)
     report: str | None = None
 
@@ -166,16 +160,19 @@ class TrainRun:
         backbone = self.engine.manifest.backbone_sha256
         serving_head = await asyncio.to_thread(load_head, self.engine.path / HEAD, self.engine.manifest)
         self._stage("data")
-        mix = MixConfig(tc.holdout_permille, tc.validation_permille, seed=tc.seed)
-        data = await asyncio.to_thread(assemble, source_specs(self.cfg), mix)
+        splits = MixConfig(tc.holdout_permille, tc.validation_permille, seed=tc.seed)
+        data = await asyncio.to_thread(assemble, source_specs(self.cfg), splits)
         self._report["data"] = counts = data.report()
         if len(data.train) < tc.min_images or not data.validation or not data.holdout:
             self._end("skipped", f"too little labelled data: {counts} (train.min_images = {tc.min_images})")
             return
+        # The holdout is rendered as the chosen validators send images: the gate judges what pays.
+        generations, mapping = parse_generation(tc.generation), self.engine.preprocess
+        self._report["views"] = {"generation": dict(generations), "preprocess": dataclasses.asdict(mapping)}
         views = {
-            "train": plan_views(data.train, tc.views, "train"),
-            "validation": plan_views(data.validation, tc.views, "validation"),
-            "holdout": plan_views(data.holdout, tc.holdout_views, "holdout"),
+            "train": plan_views(data.train, tc.views, "train", generations, mapping),
+            "validation": plan_views(data.validation, tc.views, "validation", generations, mapping),
+            "holdout": plan_views(data.holdout, tc.holdout_views, "holdout", generations, mapping),
         }
         await self._features(backbone, [v for split in views.values() for v in split])
         sets = await asyncio.to_thread(self._feature_sets, backbone, views)
@@ -195,7 +192,8 @@ class TrainRun:
         fitting = fit_head(sets["train"], sets["validation"], dims, fit_cfg, self.device)
         fitted: FitResult = await self._background("fit", fitting)
         self._report["fit"] = {**fitted.summary(), "history": fitted.history}
-        verdict = await self._judge(fitted.head, serving_head, sets["holdout"])
+        kinds = np.asarray([v.record.origin for v in views["holdout"]])
+        verdict = await self._judge(fitted.head, serving_head, sets["holdout"], kinds)
         if verdict.promote:
             await self._deploy(fitted.head, verdict)
         else:
@@ -204,10 +202,10 @@ class TrainRun:
     async def _features(self, backbone: str, views: Sequence[ViewKey]) -> None:
         """Fill the cache with every view it lacks: served features as they are, the rest through the backbone."""
         self._stage("features")
-        # Views of another backbone (or an older augmentation) are never read again by this
-        # daemon's runs: drop them, so the cache holds one backbone's worth. A rollback to an
-        # older backbone extracts once more.
-        pruned = await asyncio.to_thread(self._cache.prune, backbone)
+        # Views of another backbone, or of a recipe no run plans now (another mapping, validator
+        # generation or augmentation), are never read again by this daemon's runs: drop them, so the
+        # cache holds one backbone's worth. A rollback to an older backbone extracts once more.
+        pruned = await asyncio.to_thread(self._cache.prune, backbone, {v.recipe for v in views})
         if pruned:
             log.info("train_features_pruned", run_id=self.state.run_id, views=pruned)
         missing = await asyncio.to_thread(self._cache.missing, backbone, [v.key for v in views])
@@ -231,14 +229,15 @@ class TrainRun:
     async def _extract(self, backbone: str, todo: Sequence[ViewKey]) -> None:
         chunks = [todo[i : i + CHUNK_VIEWS] for i in range(0, len(todo), CHUNK_VIEWS)]
         features_of = self.engine.shared_backend.backend.features
+        mapping = self.engine.preprocess
         pool = training_pool(self.tc.threads)
         try:
             loop = asyncio.get_running_loop()
-            pending = loop.run_in_executor(pool, render_views, chunks[0])
+            pending = loop.run_in_executor(pool, render_views, chunks[0], mapping)
             for i, part in enumerate(chunks):
                 images = await pending
-                if i + 1 < len(chunks):  # the CPU distorts the next chunk while the engine runs this one
-                    pending = loop.run_in_executor(pool, render_views, chunks[i + 1])
+                if i + 1 < len(chunks):  # the CPU renders the next chunk while the engine runs this one
+                    pending = loop.run_in_executor(pool, render_views, chunks[i + 1], mapping)
                 slices = extract_slices(features_of, images, self.tc.slice_images, self.tc.slice_ms)
                 feats = await self._background(f"features {i + 1}/{len(chunks)}", slices)
                 await asyncio.to_thread(self._cache.put, backbone, [v.key for v in part], feats)
@@ -259,7 +258,7 @@ class TrainRun:
             out[name] = FeatureSet(x, y, images)
         return out
 
-    async def _judge(self, candidate: Head, serving: Head, holdout: FeatureSet) -> Verdict:
+    async def _judge(self, candidate: Head, serving: Head, holdout: FeatureSet, kinds: np.ndarray) -> Verdict:
         self._stage("holdout")
         device = self.device
 
@@ -274,7 +273,8 @@ class TrainRun:
         self._holdout = {"labels": holdout.labels, "candidate": cand, "serving": serv}
         self.state.candidate = {k: verdict.candidate[k] for k in SUMMARY_METRICS}
         self.state.serving = {k: verdict.serving[k] for k in SUMMARY_METRICS}
-        self._report["verdict"] = verdict.to_dict()
+        self.state.by_kind = by_kind(cand, serv, holdout.labels, kinds)
+        self._report["verdict"] = {**verdict.to_dict(), "by_kind": self.state.by_kind}
         log.info("train_holdout", run_id=self.state.run_id, promote=verdict.promote, gain=verdict.gain)
         return verdict
 
