@@ -114,6 +114,13 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--version", default="0.1.0", help="engine version recorded in the manifest")
     build.add_argument("--flip-tta", action="store_true", help="average each image's prob with its mirror's")
     build.add_argument("--threshold", type=float, default=0.5, help="decision threshold on the calibrated prob")
+    build.add_argument(
+        "--mapping",
+        default="squash",
+        help="squash | letterbox | center_crop: how a query image of any size becomes the 224x224 input, "
+        "for serving and training alike (docs/engine-format.md)",
+    )
+    build.add_argument("--resample", default="bilinear", help="bilinear | bicubic")
     build.set_defaults(func=_build_engine)
 
     # Commands whose module owns its arguments: (name, help, module with add_arguments()).
@@ -207,6 +214,13 @@ def _build_engine(args: argparse.Namespace, cfg: Config) -> int:
     if not 0.0 <= args.threshold <= 1.0:
         print(f"svd: --threshold must be within [0, 1], got {args.threshold}", file=sys.stderr)
         return 2
+    from svd.engine.preprocess import Preprocess
+
+    try:
+        preprocess = Preprocess(args.mapping, args.resample)
+    except ValueError as e:
+        print(f"svd: --mapping/--resample: {e}", file=sys.stderr)
+        return 2
     try:
         from svd.engine.build import build_demo_engine, build_engine
         from svd.engine.manifest import EngineError
@@ -223,6 +237,7 @@ def _build_engine(args: argparse.Namespace, cfg: Config) -> int:
                 flip_tta=args.flip_tta,
                 threshold=args.threshold,
                 version=args.version,
+                preprocess=preprocess,
             )
         else:
             path = build_engine(
@@ -235,6 +250,7 @@ def _build_engine(args: argparse.Namespace, cfg: Config) -> int:
                 threshold=args.threshold,
                 # Flip TTA sends 2N images through the backbone in one call.
                 plan_max_batch=cfg.batcher.max_batch * (2 if args.flip_tta else 1),
+                preprocess=preprocess,
             )
     except EngineError as e:
         print(f"svd: build-engine failed: {e}", file=sys.stderr)

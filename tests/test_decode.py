@@ -6,6 +6,7 @@ import pytest
 from PIL import Image
 
 from svd.config import DecodeConfig
+from svd.engine.canary import street_jpegs
 from svd.errors import BadRequest, PayloadTooLarge
 from svd.serve.decode import DecodeLimits, decode_image
 
@@ -80,6 +81,17 @@ def test_decompression_bomb_is_refused_before_decoding(side: int, message: str) 
     assert len(bomb) < 400_000
     with pytest.raises(PayloadTooLarge, match=message):
         decode_image(bomb, LIMITS)
+
+
+def test_the_pixel_count_is_checked_from_the_header_before_any_pixel_is_decoded() -> None:
+    """A 30 MP JPEG cut right after its header: decoding it would fail (400); the header alone refuses it."""
+    full = street_jpegs(1, size=(6400, 4800))[0]
+    header = full[: full.index(b"\xff\xda") + 20]  # up to the start of the scan data
+    limits = DecodeLimits(len(full), 25_000_000, LIMITS.formats)
+    with pytest.raises(PayloadTooLarge, match="6400x4800 pixels, more than 25000000"):
+        decode_image(base64.b64encode(header).decode(), limits)
+    with pytest.raises(BadRequest, match="cannot be decoded"):  # what a decode of it gives
+        decode_image(base64.b64encode(header).decode(), DecodeLimits(len(full), 40_000_000, LIMITS.formats))
 
 
 def test_oversized_payload_is_refused_before_base64_decoding() -> None:

@@ -53,6 +53,7 @@ from svd.engine.model import (
     tiny_dinov3_config,
     tiny_siglip2_config,
 )
+from svd.engine.preprocess import Preprocess
 from svd.engine.writer import write_engine_dir
 
 SIZES = dict(hidden_size=64, num_layers=2, num_heads=2)
@@ -312,9 +313,10 @@ def test_cli_build_engine_from_head_and_backbone(tmp_path: Path, capsys: pytest.
     checkpoint = tmp_path / "head.safetensors"
     save_file(dict(random_head(128, hidden=8).state_dict()), str(checkpoint))
     args = ["--config", str(config), "build-engine", "--head", str(checkpoint), "--backbone", "random:siglip2-tiny"]
-    assert main([*args, "--name", "sig", "--flip-tta", "--threshold", "0.6"]) == 0
+    assert main([*args, "--name", "sig", "--flip-tta", "--threshold", "0.6", "--mapping", "letterbox"]) == 0
     manifest = verify_engine_dir(tmp_path / "engines" / "sig")
     assert manifest.flip_tta is True and manifest.threshold == 0.6
+    assert manifest.preprocess == Preprocess("letterbox", "bilinear")
     assert manifest.members == (Member("random:siglip2-tiny", SIGLIP2, 128),)
     assert capsys.readouterr().out.strip().splitlines()[-1] == str(tmp_path / "engines" / "sig")
     # Two backbones for a one-member head: refused before anything loads.
@@ -324,6 +326,8 @@ def test_cli_build_engine_from_head_and_backbone(tmp_path: Path, capsys: pytest.
     assert main([*args]) == 2 and "--name NAME" in capsys.readouterr().err
     assert main(["--config", str(config), "build-engine", "--demo", "--head", str(checkpoint)]) == 2
     assert not (tmp_path / "engines" / "two").exists()
+    assert main([*args, "--name", "x", "--mapping", "stretch"]) == 2
+    assert "mapping must be one of squash, letterbox, center_crop" in capsys.readouterr().err
 
 
 def test_cli_build_engine_without_hub_weights_says_so_in_one_line(tmp_path: Path) -> None:

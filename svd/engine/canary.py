@@ -24,8 +24,10 @@ CANARY_KINDS = ("scene", "noise", "gradient", "checkerboard", "blocks")
 SERVED_SHAPE = (SERVED_INPUT.height, SERVED_INPUT.width, SERVED_INPUT.channels)
 
 
-def street_jpegs(n: int, seed: int = 0) -> list[bytes]:
-    """Synthetic 224x224 street-ish scenes as JPEG (PIL's default quality 75, like validators)."""
+def street_jpegs(n: int, seed: int = 0, size: tuple[int, int] = (224, 224)) -> list[bytes]:
+    """Synthetic street-ish scenes as JPEG (PIL's default quality 75, like validators), 224x224 or
+    (width, height): drawn at 224, resized, with sensor-like noise at full size (so the JPEG is as
+    large as a photo's, ~0.25 bytes per pixel)."""
     from PIL import Image, ImageDraw
 
     rng = np.random.default_rng(seed)
@@ -42,8 +44,14 @@ def street_jpegs(n: int, seed: int = 0) -> list[bytes]:
                 else tuple(int(c) for c in rng.integers(0, 255, 3))
             )
             draw.polygon([(x, y + 30), (x + 12, y), (x + 24, y + 30)], fill=colour)  # cones and clutter
-        noise = rng.normal(0, 8, (224, 224, 3))
-        arr = np.clip(np.asarray(im, dtype=np.float64) + noise, 0, 255).astype(np.uint8)
+        noise: np.ndarray
+        if size == (224, 224):
+            noise = rng.normal(0, 8, (224, 224, 3))
+        else:  # a tile of noise repeated: as costly to compress as fresh noise, far cheaper to draw
+            im = im.resize(size, Image.Resampling.BILINEAR)
+            tile = rng.normal(0, 8, (256, 256, 3)).astype(np.float32)
+            noise = np.tile(tile, (-(-size[1] // 256), -(-size[0] // 256), 1))[: size[1], : size[0]]
+        arr = np.clip(np.asarray(im, dtype=np.float32) + noise, 0, 255).astype(np.uint8)
         buf = io.BytesIO()
         Image.fromarray(arr).save(buf, format="JPEG")
         out.append(buf.getvalue())

@@ -40,6 +40,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-d", "--duration", type=float, default=10.0, help="seconds of load after warm-up")
     p.add_argument("--warmup", type=float, default=2.0, help="seconds of load not counted")
     p.add_argument("--images", type=Path, default=None, help="folder of JPEGs (default: generated)")
+    p.add_argument(
+        "--image-size", type=_size, default=(224, 224), metavar="WxH",
+        help="generated JPEGs of this size, as today's validators send (e.g. 1920x1080, 4032x3024; default 224x224)",
+    )  # fmt: skip
     p.add_argument("--raw", action="store_true", help="time decode+engine in-process, no HTTP")
     p.add_argument("-b", "--batch", type=int, default=16, help="raw mode: batch size")
     p.add_argument(
@@ -58,9 +62,22 @@ class BenchError(Exception):
     """The benchmark cannot run or go on; the message says why (cli prints it, exits non-zero)."""
 
 
-def load_images(folder: Path | None, n: int = 64) -> list[str]:
-    """Base64 JPEGs from `folder`, or generated ones."""
-    blobs = [p.read_bytes() for p in sorted(folder.glob("*.jp*g"))] if folder else street_jpegs(n)
+def _size(text: str) -> tuple[int, int]:
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT, e.g. 1920x1080, got {text!r}") from None
+    if width < 1 or height < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive size, got {text!r}")
+    return width, height
+
+
+def load_images(folder: Path | None, n: int = 64, size: tuple[int, int] = (224, 224)) -> list[str]:
+    """Base64 JPEGs from `folder`, or generated ones of `size` (fewer when large: they take a while to draw)."""
+    if folder:
+        blobs = [p.read_bytes() for p in sorted(folder.glob("*.jp*g"))]
+    else:
+        blobs = street_jpegs(max(4, min(n, 4_000_000 // (size[0] * size[1]) * 8)), size=size)
     if not blobs:
         raise BenchError(f"no .jpg files in {folder}")
     return [base64.b64encode(b).decode() for b in blobs]
@@ -241,13 +258,16 @@ def raw_ceilings(
     engine.warmup((batch,))
     groups = [images[(i * batch) % len(images) :][:batch] for i in range(8)]
     groups = [g if len(g) == batch else (g * batch)[:batch] for g in groups]
+    mapping = engine.preprocess
 
-    def full(i: int) -> None:
-        engine.infer(np.stack([decode_image(b, limits) for b in groups[i % len(groups)]]))
+    def decode_all(i: int) -> np.ndarray:
+        return np.stack([decode_image(b, limits, mapping) for b in groups[i % len(groups)]])
 
-    decoded = [np.stack([decode_image(b, limits) for b in g]) for g in groups]
+    decoded = [decode_all(i) for i in range(len(groups))]
     figures = {"engine": engine.name, "backend": engine.backend_name, "batch": batch, "onnx_spin": spin}
-    figures["decode_plus_engine"] = time_calls(full, seconds, batch)
+    figures["preprocess"] = mapping.key
+    figures["decode_alone"] = time_calls(decode_all, seconds, batch)
+    figures["decode_plus_engine"] = time_calls(lambda i: engine.infer(decode_all(i)), seconds, batch)
     figures["engine_alone"] = time_calls(lambda i: engine.infer(decoded[i % len(decoded)]), seconds, batch)
     engine.close()
     return figures
@@ -283,32 +303,64 @@ def run_bench(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def _bench(args: argparse.Namespace, cfg: Config) -> dict[str, Any]:
-    images = load_images(args.images)
+    images = load_images(args.images, size=args.image_size)
     if args.raw:
         figures = raw_ceilings(cfg, images, args.batch, seconds=args.duration, spin=args.onnx_spin)
     else:
         port = args.port or cfg.server.port
-        hotkey = args.axon_hotkey or _daemon_hotkey(cfg)
+        status = {"hotkey": args.axon_hotkey} if args.axon_hotkey else _daemon_status(cfg)
+        hotkey, pid = str(status["hotkey"]), status.get("pid")
         client = LoadClient(f"http://{args.host}:{port}/ImageSynapse", hotkey, args.uri, images)
         if args.flood_rate > 0:
             flooder = LoadClient(client.url, hotkey, args.flood_uri, images)
-            figures = asyncio.run(flooded(client, args.rate or 10.0, flooder, args.flood_rate, args))
+            run = flooded(client, args.rate or 10.0, flooder, args.flood_rate, args)
         elif args.rate > 0:
-            run = open_loop(client, args.rate, args.warmup, args.duration)
-            figures = asyncio.run(scraped(run, args.scrape, args.scrape_every))
-            figures["mode"] = f"open loop, {args.rate}/s"
+            run = scraped(open_loop(client, args.rate, args.warmup, args.duration), args.scrape, args.scrape_every)
         else:
-            run = closed_loop(client, args.concurrency, args.warmup, args.duration)
-            figures = asyncio.run(scraped(run, args.scrape, args.scrape_every))
-            figures["mode"] = f"closed loop, concurrency {args.concurrency}"
+            load = closed_loop(client, args.concurrency, args.warmup, args.duration)
+            run = scraped(load, args.scrape, args.scrape_every)
+        figures = asyncio.run(with_rss(run, pid if isinstance(pid, int) else None))
+        figures.setdefault(
+            "mode", f"open loop, {args.rate}/s" if args.rate > 0 else f"closed loop, concurrency {args.concurrency}"
+        )
+        figures["image"] = f"{args.image_size[0]}x{args.image_size[1]}, {len(images)} JPEGs, mean " + (
+            f"{np.mean([len(i) for i in images]) * 3 / 4 / 1e6:.2f} MB"
+        )
     return figures
 
 
-def _daemon_hotkey(cfg: Config) -> str:
+async def with_rss(load: Any, pid: int | None, every_s: float = 0.25) -> dict[str, Any]:
+    """The load's figures; with the daemon's pid (a local daemon), its RSS before, at peak and after (MB)."""
+    if pid is None:
+        figures: dict[str, Any] = await load
+        return figures
+    before = _rss_mb(pid)
+    samples = [before]
+    task = asyncio.ensure_future(load)
+    while not task.done():
+        await asyncio.wait([task], timeout=every_s)
+        samples.append(_rss_mb(pid))
+    figures = task.result()
+    figures["daemon_rss_mb"] = {"before": before, "peak": max(samples), "after": samples[-1]}
+    return figures
+
+
+def _rss_mb(pid: int) -> float:
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:  # gone, or not on Linux
+        return 0.0
+    for line in text.splitlines():
+        if line.startswith("VmRSS:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    return 0.0
+
+
+def _daemon_status(cfg: Config) -> dict[str, Any]:
     from svd.control import call
 
     try:
-        return str(call(cfg.socket_path, "status")["hotkey"])
+        return dict(call(cfg.socket_path, "status"))
     except (OSError, RuntimeError) as e:
         raise BenchError(
             f"no svd daemon answers on {cfg.socket_path} ({e}): start `svd run` first, or point --config at the "

@@ -92,6 +92,12 @@ def _describe_run(run: dict[str, Any]) -> str:
     if cand and serv:
         for key in ("mcc", "accuracy", "reward_proxy", "auc", "ece"):
             lines.append(f"  {key:13} candidate {cand[key]:.4f}   serving {serv[key]:.4f}")
+    for kind, k in (run.get("by_kind") or {}).items():
+        c, s = k["candidate"], k["serving"]
+        lines.append(
+            f"  {kind:13} mcc {c['mcc']:.4f} vs {s['mcc']:.4f}, accuracy {c['accuracy']:.4f} vs {s['accuracy']:.4f}"
+            f" ({k['n']} holdout views)"
+        )
     if run.get("features"):
         lines.append(f"  features     {run['features']}")
     if run.get("engine"):
@@ -106,7 +112,7 @@ def _standalone(cfg: Config, as_json: bool) -> int:
 
     setup_logging(cfg.daemon.log_level, cfg.daemon.log_format)
     try:
-        state = asyncio.run(_standalone_run(cfg))
+        state = asyncio.run(standalone_run(cfg, bars=True))
     except Exception as e:  # no engine, a broken one: one line, not a traceback
         print(f"svd: train --standalone failed: {e}", file=sys.stderr)
         return 1
@@ -114,7 +120,8 @@ def _standalone(cfg: Config, as_json: bool) -> int:
     return 0 if state.get("result") in ("promoted", "rejected", "skipped") else 1
 
 
-async def _standalone_run(cfg: Config) -> dict[str, Any]:
+async def standalone_run(cfg: Config, bars: bool = False) -> dict[str, Any]:
+    """One training run in this process on cfg's engine (no daemon); the run's summary."""
     from tqdm import tqdm
 
     from svd.engine.serving import engine_to_serve, prepare_engine
@@ -122,15 +129,15 @@ async def _standalone_run(cfg: Config) -> dict[str, Any]:
     from svd.train.pipeline import RunState, TrainRun
 
     worker = EngineWorker(step_timeout_s=cfg.batcher.step_timeout_s)
-    bars: dict[str, Any] = {}
+    open_bars: dict[str, Any] = {}
 
     def progress(state: RunState) -> None:
-        bar = bars.get(state.stage)
-        if bar is None and state.total:
-            for old in bars.values():
+        bar = open_bars.get(state.stage)
+        if bar is None and state.total and bars:
+            for old in open_bars.values():
                 old.close()
-            bars.clear()
-            bar = bars[state.stage] = tqdm(total=state.total, desc=state.stage, unit="view", file=sys.stderr)
+            open_bars.clear()
+            bar = open_bars[state.stage] = tqdm(total=state.total, desc=state.stage, unit="view", file=sys.stderr)
         if bar is not None:
             bar.n = state.done
             bar.refresh()
@@ -142,7 +149,7 @@ async def _standalone_run(cfg: Config) -> dict[str, Any]:
             run = TrainRun(cfg, worker, engine, "standalone", on_progress=progress)
             return (await run.run()).summary()
         finally:
-            for bar in bars.values():
+            for bar in open_bars.values():
                 bar.close()
             await worker.run(engine.close)
     finally:
