@@ -5,7 +5,8 @@ state dir -> hotkey -> samples db -> engine worker and engine (built on first
 start; loaded, warmed and checked as a hot swap would) -> batcher -> samples
 writer -> control socket -> listener -> engine watcher -> READY=1. Shutdown
 stops background jobs on the engine worker first, then undoes the rest in
-reverse, bounded; queued samples are written before exit.
+reverse, bounded; queued samples and the record of validators' queries
+(state/validators.json, read at start) are written before exit.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import uvloop
 from aiohttp import web
 
 from svd import __version__
-from svd.config import Config
+from svd.config import DEV_HOTKEY, Config
 from svd.control import ControlServer
 from svd.engine.hotswap import EngineWatcher, HotSwap
 from svd.engine.serving import ServingEngine, engine_to_serve, prepare_engine
@@ -42,12 +43,14 @@ from svd.serve.chain import Bittensor11Source, ChainSnapshot, ChainSource, Chain
 from svd.serve.decode import DecodeLimits
 from svd.serve.server import Frontend
 from svd.serve.wallet import load_hotkey
-from svd.status import Stats, StatusSnapshot
+from svd.status import Stats, StatusSnapshot, ValidatorLog
 from svd.train.schedule import TrainScheduler
 
 log = structlog.get_logger(__name__)
 HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 HEALTH_INTERVAL_S = 5.0
+# How often the record of validators' queries is written when it changed: a SIGKILL loses at most this much.
+VALIDATORS_SAVE_S = 60.0
 RETURNED = "returned"  # how a supervised task that ended without an exception is described
 
 
@@ -74,6 +77,8 @@ class Daemon:
         self.handle_signals = handle_signals
         self.notifier = notifier or Notifier()
         self.stats = Stats()
+        # svd bench signs with the development key: its queries are marked, never "the last validator query".
+        self.validators = ValidatorLog(dev_hotkeys=(DEV_HOTKEY,))
         self.state = "starting"
         self.errored: str | None = None
         self.port = 0  # the bound port, known once listening (config may say 0)
@@ -119,6 +124,7 @@ class Daemon:
         return_large_buffers_to_os()  # decoded native-size images must not ratchet RSS up
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
         self._lock = lock_state_dir(cfg.state_dir)
+        self.validators = await asyncio.to_thread(self._read_validators)
         # Bound now, listened on once ready: a taken port stops start-up before anything slow loads.
         self._sock = bind_listener(cfg.server.host, cfg.server.port)
         for folder in (cfg.engines_dir, cfg.train_dir):  # what a killed writer left
@@ -157,6 +163,7 @@ class Daemon:
             self._watcher = EngineWatcher(self.hotswap, cfg.engines_dir, cfg.engine.watch_debounce_ms)
             self.spawn("engine_watcher", self._watcher.run())
         self.spawn("health", self._health_loop())
+        self.spawn("validators", self._keep_validators())
         self.trainer.start()
         self.state = "serving"
         self.started.set()
@@ -196,6 +203,8 @@ class Daemon:
         if self.samples is not None:
             # Before the tasks are cancelled: the writer itself writes what is queued, then stops.
             await bounded(self.samples.close(), "samples")
+        if served:  # every answer given: the listener is drained
+            await bounded(self._save_validators(), "validators")
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
@@ -301,6 +310,7 @@ class Daemon:
             engine_ms=s.engine_time.summary_ms() if percentiles else {},
             samples=self.samples.status() if self.samples else {"enabled": False},
             train=self.trainer.status() if self.trainer else {"enabled": False},
+            validators={**self.validators.status(), "warn_h": self.cfg.daemon.no_query_warn_h},
         )
 
     def _chain_status(self) -> dict[str, Any]:
@@ -353,6 +363,7 @@ class Daemon:
             decoder=self.decoder,
             limits=DecodeLimits(cfg.decode.max_image_bytes, cfg.decode.max_pixels, cfg.decode.formats),
             stats=self.stats,
+            validators=self.validators,
             samples=self.samples,
         )
         self._runner = web.AppRunner(
@@ -371,6 +382,32 @@ class Daemon:
         await site.start()  # listens; the server owns the socket from here
         self.port = int(self._sock.getsockname()[1])
         self._sock = None
+
+    def _read_validators(self) -> ValidatorLog:
+        """The record the last run saved; a new one when there is none, or it cannot be read (logged)."""
+        path, dev = self.cfg.validators_path, self.validators.dev_hotkeys
+        try:
+            return ValidatorLog.read(path, dev)
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError) as e:
+            log.warning("validators_record_ignored", path=str(path), error=str(e))
+        return ValidatorLog(dev)
+
+    async def _keep_validators(self) -> None:
+        while True:
+            await asyncio.sleep(VALIDATORS_SAVE_S)
+            await self._save_validators()
+
+    async def _save_validators(self) -> None:
+        """state/validators.json, when the record changed: copied on the loop, written in a thread."""
+        record = self.validators
+        if not record.unsaved:
+            return
+        try:
+            await asyncio.to_thread(record.save, self.cfg.validators_path, record.dump())
+        except OSError as e:  # a full disk must not stop serving: the next try may succeed
+            log.warning("validators_record_not_saved", path=str(self.cfg.validators_path), error=str(e))
 
     async def _health_loop(self) -> None:
         """Ping systemd's watchdog only while the loop and the engine worker both answer."""

@@ -50,6 +50,7 @@ class _Collector:
         yield from _samples(s.get("samples") or {})
         yield from _chain(s.get("chain") or {})
         yield from _train(s.get("train") or {})
+        yield from _validators(s.get("validators") or {})
 
 
 def _process(s: dict[str, Any]) -> Iterator[Metric]:
@@ -158,6 +159,24 @@ def _train(t: dict[str, Any]) -> Iterator[Metric]:
             if metric in figures:
                 holdout.add_metric([model, metric], figures[metric])
     yield holdout
+
+
+def _validators(v: dict[str, Any]) -> Iterator[Metric]:
+    if not v:
+        return
+    latest = v.get("latest")
+    yield GaugeMetricFamily(
+        "svd_validator_last_query_timestamp_seconds",
+        "when the last validator query came (unix seconds; 0: none recorded; the development key never counts)",
+        value=latest["last_time"] if latest else 0,
+    )
+    yield GaugeMetricFamily("svd_validators_seen", "validators that queried (development keys not counted)", v["seen"])
+    queries = CounterMetricFamily(
+        "svd_validator_queries", "queries of each caller past authentication, answered or not", labels=["hotkey", "dev"]
+    )
+    for caller in v.get("recent") or ():
+        queries.add_metric([caller["hotkey"], str(caller["dev"]).lower()], caller["queries"])
+    yield queries
 
 
 class MetricsServer:

@@ -1,15 +1,23 @@
-"""Counters of the daemon and the StatusSnapshot that `svd status` reads.
+"""Counters of the daemon, the record of who asked (ValidatorLog), and the StatusSnapshot that `svd status` reads.
 
 Only the event loop thread writes these (the batcher records engine time after
-awaiting the worker), so there are no locks.
+awaiting the worker), so there are no locks; the one exception is saving the
+validator record, which runs in a thread on a copy taken on the loop.
 """
 
 from __future__ import annotations
 
 import bisect
+import json
+import math
+import os
+import textwrap
+import threading
 import time
-from collections import Counter, deque
+from collections import Counter, OrderedDict, deque
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,6 +26,15 @@ import numpy as np
 WINDOW = 10_000
 # Cumulative histogram buckets (seconds) for the metrics endpoint: a validator's 9 s timeout at the top.
 BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 9.0)
+# Callers the validator record keeps; beyond it the least recently seen is forgotten.
+MAX_VALIDATORS = 1024
+VALIDATORS_FORMAT = 1  # the "format" of state/validators.json
+# Validators `svd status` lists; `svd status --json` has them all.
+VALIDATOR_ROWS = 10
+# The table's key column, and where a value's continuation lines start.
+KEY_WIDTH = len("last validator query")
+PAD = "\n" + " " * (KEY_WIDTH + 2)
+REASON_CHARS = 160  # a training run's reason in the table, cut at a word
 
 
 class Window:
@@ -68,6 +85,141 @@ class Stats:
         self.failed[reason] += 1
 
 
+@dataclass
+class Seen:
+    """One caller that passed authentication: its queries, first and last (unix seconds), the last HTTP status."""
+
+    hotkey: str
+    queries: int
+    first_time: float
+    last_time: float
+    status: int
+
+
+class ValidatorLog:
+    """Who asked, and when: every caller that passed authentication, answered or not.
+
+    record() is an O(1) dict update on the event loop; the daemon saves the
+    record to state/validators.json now and then (dump() on the loop, save()
+    in a thread) and reads it back at start, so "the last validator query"
+    outlives restarts.
+
+    Args:
+        dev_hotkeys: development keys (svd bench's //Alice): their queries are
+            recorded and marked, and are never "the last validator query".
+        max_hotkeys: callers kept; beyond it the least recently seen is forgotten.
+        since: when the record began (unix seconds); now by default.
+    """
+
+    def __init__(
+        self, dev_hotkeys: Iterable[str] = (), max_hotkeys: int = MAX_VALIDATORS, since: float | None = None
+    ) -> None:
+        self.dev_hotkeys = frozenset(dev_hotkeys)
+        self.max_hotkeys = max_hotkeys
+        self.since = time.time() if since is None else since
+        self._seen: OrderedDict[str, Seen] = OrderedDict()  # least recently seen first
+        # A new record is unsaved: when it began must outlive a restart too.
+        self.changes = 1
+        self._saved = 0
+        self._save_lock = threading.Lock()
+
+    def record(self, hotkey: str, status: int, now: float | None = None) -> None:
+        """One query of `hotkey`, answered with HTTP `status`."""
+        now = time.time() if now is None else now
+        seen = self._seen.get(hotkey)
+        if seen is None:
+            seen = self._seen[hotkey] = Seen(hotkey, 0, now, now, status)
+            if len(self._seen) > self.max_hotkeys:
+                self._seen.popitem(last=False)
+        else:
+            self._seen.move_to_end(hotkey)
+        seen.queries += 1
+        seen.last_time = now
+        seen.status = status
+        self.changes += 1
+
+    def latest(self) -> Seen | None:
+        """The most recent query of a validator (a development key's never counts)."""
+        return next((s for s in reversed(self._seen.values()) if s.hotkey not in self.dev_hotkeys), None)
+
+    def status(self) -> dict[str, Any]:
+        """For the status snapshot: since, validators seen (development keys not counted), the latest
+        validator query, and every caller most recent first (each with `dev`)."""
+        latest = self.latest()
+        return {
+            "since": self.since,
+            "seen": sum(hotkey not in self.dev_hotkeys for hotkey in self._seen),
+            "latest": asdict(latest) if latest else None,
+            "recent": [{**asdict(s), "dev": s.hotkey in self.dev_hotkeys} for s in reversed(self._seen.values())],
+        }
+
+    @property
+    def unsaved(self) -> bool:
+        return self.changes != self._saved
+
+    def dump(self) -> tuple[int, dict[str, Any]]:
+        """What save() writes, taken on the event loop: (the change count, the record as JSON data)."""
+        data = {
+            "format": VALIDATORS_FORMAT,
+            "since": self.since,
+            "validators": [asdict(s) for s in self._seen.values()],
+        }
+        return self.changes, data
+
+    def save(self, path: Path, dumped: tuple[int, dict[str, Any]]) -> None:
+        """Write a dump() to `path` atomically (a temp file, fsync, rename); from any thread.
+
+        A dump older than the one last written is skipped: a slow periodic write never
+        replaces the one shutdown made after it. Raises OSError.
+        """
+        changes, data = dumped
+        with self._save_lock:
+            if changes <= self._saved:
+                return
+            tmp = path.with_name(f".{path.name}.tmp")
+            with open(tmp, "w") as f:
+                json.dump(data, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+            self._saved = changes
+
+    @classmethod
+    def read(cls, path: Path, dev_hotkeys: Iterable[str] = (), max_hotkeys: int = MAX_VALIDATORS) -> ValidatorLog:
+        """The record save() wrote. Raises OSError (FileNotFoundError: none yet) or ValueError (not such a file)."""
+        data = json.loads(path.read_text())
+        if not isinstance(data, dict) or data.get("format") != VALIDATORS_FORMAT:
+            raise ValueError(f"not a validator record of format {VALIDATORS_FORMAT}")
+        rows = data.get("validators")
+        if not _is_time(data.get("since")) or not isinstance(rows, list):
+            raise ValueError("expected a number `since` and a list `validators`")
+        seen = sorted((_seen_from(row, i) for i, row in enumerate(rows)), key=lambda s: s.last_time)
+        log = cls(dev_hotkeys, max_hotkeys, since=float(data["since"]))
+        for s in seen[-max_hotkeys:]:
+            log._seen[s.hotkey] = s
+        log._saved = log.changes  # as read: nothing to save
+        return log
+
+
+def _seen_from(row: Any, i: int) -> Seen:
+    if not (
+        isinstance(row, dict)
+        and isinstance(row.get("hotkey"), str)
+        and all(_is_count(row.get(key)) for key in ("queries", "status"))
+        and all(_is_time(row.get(key)) for key in ("first_time", "last_time"))
+    ):
+        raise ValueError(f"validators[{i}]: expected hotkey, queries, first_time, last_time and status")
+    return Seen(row["hotkey"], row["queries"], float(row["first_time"]), float(row["last_time"]), row["status"])
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_time(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+
+
 @dataclass(frozen=True)
 class StatusSnapshot:
     version: str
@@ -91,17 +243,22 @@ class StatusSnapshot:
     engine_ms: dict[str, float]
     samples: dict[str, Any] = field(default_factory=dict)
     train: dict[str, Any] = field(default_factory=dict)
+    # ValidatorLog.status(), and `warn_h` ([daemon] no_query_warn_h).
+    validators: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def render_table(s: dict[str, Any]) -> str:
-    """Human-readable `svd status` output from a snapshot dict."""
+def render_table(s: dict[str, Any], now: float | None = None) -> str:
+    """Human-readable `svd status` output from a snapshot dict; `now` (unix seconds) dates the "ago"s."""
+    now = time.time() if now is None else now
     engine = s["engine"]
+    validators = s.get("validators") or {}
     rows = [
         ("state", s["state"] + (f" (errored: {s['errored']})" if s["errored"] else "")),
         ("pid / uptime", f"{s['pid']} / {_duration(s['uptime_s'])}"),
+        ("last validator query", _last_query(validators, now)),
         ("hotkey", s["hotkey"]),
         ("listening", s["listen"]),
         ("chain", _chain(s["chain"])),
@@ -116,20 +273,82 @@ def render_table(s: dict[str, Any]) -> str:
         ("engine ms/batch", _timing(s["engine_ms"])),
         ("samples", _samples(s.get("samples") or {})),
         ("training", _train(s.get("train") or {})),
+        ("validators seen", _seen_list(validators, now)),
     ]
-    width = max(len(k) for k, _ in rows)
-    return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
+    return "\n".join(f"{k.ljust(KEY_WIDTH)}  {v}" for k, v in rows)
+
+
+def _last_query(v: dict[str, Any], now: float) -> str:
+    if not v:
+        return "not recorded"
+    line = last_query(v, now)
+    warn_h = v.get("warn_h")
+    if warn_h and quiet_s(v, now) > warn_h * 3600:
+        line += f"; none for over {warn_h:g} h, svd doctor says why"
+    return line
+
+
+def last_query(v: dict[str, Any], now: float) -> str:
+    """The last validator query of a ValidatorLog.status(): when, from whom, its answer, and how many
+    validators asked; or since when none did."""
+    latest = v["latest"]
+    if latest is None:
+        line = f"none recorded (since {_local_time(v['since'])})"
+        return line + (", only development keys (svd bench)" if v["recent"] else "")
+    n = v["seen"]
+    return (
+        f"{_ago(now, latest['last_time'])} ago from {short_hotkey(latest['hotkey'])} ({latest['status']}), "
+        f"{n} validator{'' if n == 1 else 's'} seen"
+    )
+
+
+def quiet_s(v: dict[str, Any], now: float) -> float:
+    """Seconds without a validator query: since the last one, or since the record began."""
+    latest = v["latest"]
+    return now - (latest["last_time"] if latest else v["since"])
+
+
+def _seen_list(v: dict[str, Any], now: float) -> str:
+    recent = v.get("recent") or []
+    if not recent:
+        return "none"
+    shown = recent[:VALIDATOR_ROWS]
+    ago = [_ago(now, r["last_time"]) for r in shown]
+    key_w, n_w, ago_w = (
+        max(map(len, col)) for col in ([r["hotkey"] for r in shown], [str(r["queries"]) for r in shown], ago)
+    )
+    lines = [
+        f"{r['hotkey']:<{key_w}}  queries {r['queries']:>{n_w}}  last {a:>{ago_w}} ago ({r['status']})"
+        + ("  development key (svd bench)" if r["dev"] else "")
+        for r, a in zip(shown, ago, strict=True)
+    ]
+    if len(recent) > len(shown):
+        lines.append(f"and {len(recent) - len(shown)} more (svd status --json lists them)")
+    return PAD.join(lines)
+
+
+def short_hotkey(hotkey: str) -> str:
+    """5F3sa2TJ..Fs3rW: enough to tell validators apart on one line."""
+    return hotkey if len(hotkey) <= 16 else f"{hotkey[:8]}..{hotkey[-5:]}"
+
+
+def _ago(now: float, then: float) -> str:
+    return _duration(max(now - then, 0.0))
+
+
+def _local_time(t: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(t))
 
 
 def _engine(e: dict[str, Any]) -> str:
     line = f"{e.get('name')} v{e.get('version')} on {e.get('backend')}"
     line += f"{' (pinned)' if e.get('pinned') else ''}, swaps {e.get('swaps', 0)}"
     if e.get("plan_unusable"):
-        line += "\n" + " " * 19 + f"TensorRT plan not serving: {e['plan_unusable']}"
+        line += PAD + f"TensorRT plan not serving: {e['plan_unusable']}"
     refusal = e.get("last_refusal")
     if refusal:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(refusal["time"]))
-        line += "\n" + " " * 19 + f"last refused: {refusal['name']} at {when}: {refusal['error']}"
+        line += PAD + f"last refused: {refusal['name']} at {when}: {refusal['error']}"
     return line
 
 
@@ -143,11 +362,10 @@ def _chain(c: dict[str, Any]) -> str:
         line += f", refresh failing x{c['failures']}: {c['last_error']}"
     own = c.get("own")
     if own is None:
-        return line + "\n" + " " * 19 + "this hotkey is not registered"
+        return line + PAD + "this hotkey is not registered"
     return (
         line
-        + "\n"
-        + " " * 19
+        + PAD
         + f"uid {own['uid']}  stake {own['stake']:.2f}  trust {own['trust']:.4f}  "
         + f"incentive {own['incentive']:.4f}  emission {own['emission']:.4f}  axon {own['axon']}"
     )
@@ -156,12 +374,12 @@ def _chain(c: dict[str, Any]) -> str:
 def _samples(c: dict[str, Any]) -> str:
     if not c.get("enabled"):
         return "off"
-    line = f"ERRORED: {c['errored']}\n{' ' * 19}" if c.get("errored") else ""
+    line = f"ERRORED: {c['errored']}{PAD}" if c.get("errored") else ""
     line += (
         f"stored {c['stored']} ({c['db_bytes'] / 1e6:.1f} MB), queued {c['queued']}, written {c['written']}; "
         f"offered {c['offered']}, kept {c['kept']}, dropped full {c['dropped_full']}"
     )
-    line += f"\n{' ' * 19}{c['batches_written']} batches written, write errors {c['write_errors']}"
+    line += f"{PAD}{c['batches_written']} batches written, write errors {c['write_errors']}"
     line += f" (dropped {c['dropped_errors']}), retention deleted {c['retention_deleted']}"
     line += f" in {c['retention_passes']} passes"
     if c.get("last_error"):
@@ -172,25 +390,24 @@ def _samples(c: dict[str, Any]) -> str:
 def _train(t: dict[str, Any]) -> str:
     if not t.get("enabled"):
         return "off"
-    pad = "\n" + " " * 19
     line = "paused" if t.get("paused") else f"next {t.get('next_run') or '-'} ({t.get('schedule')})"
     run = t.get("running")
     if run:
         total = f"/{run['total']}" if run.get("total") else ""
-        line += f"{pad}running {run['run_id']}: {run['stage']} {run['done']}{total} ({_duration(run['duration_s'])})"
+        line += f"{PAD}running {run['run_id']}: {run['stage']} {run['done']}{total} ({_duration(run['duration_s'])})"
     last = t.get("last")
     if last:
-        line += f"{pad}last {last['run_id']}: {last['result']} in {_duration(last.get('duration_s') or 0)}"
+        line += f"{PAD}last {last['run_id']}: {last['result']} in {_duration(last.get('duration_s') or 0)}"
         cand, serv = last.get("candidate"), last.get("serving")
         if cand and serv:
             line += (
-                f"{pad}holdout mcc {cand['mcc']:.3f} vs serving {serv['mcc']:.3f}, "
+                f"{PAD}holdout mcc {cand['mcc']:.3f} vs serving {serv['mcc']:.3f}, "
                 f"reward {cand['reward_proxy']:.3f} vs {serv['reward_proxy']:.3f}"
             )
         if last.get("engine"):
-            line += f"{pad}wrote engine {last['engine']}"
+            line += f"{PAD}wrote engine {last['engine']}"
         elif last.get("reason"):
-            line += f"{pad}{last['reason'][:160]}"
+            line += PAD + textwrap.shorten(last["reason"], REASON_CHARS, placeholder=" ...")
     return line
 
 

@@ -34,7 +34,7 @@ def test_ready_watchdog_status_and_clean_stop(daemon: DaemonProcess, jpegs_b64: 
     assert statuses == [200] * 4
     table = daemon.cli("status")
     assert table.returncode == 0, table.stderr
-    assert "serving" in table.stdout and "tiny" in table.stdout and "served             4" in table.stdout
+    assert "serving" in table.stdout and "tiny" in table.stdout and "served                4" in table.stdout
     snapshot = json.loads(daemon.cli("status", "--json").stdout)
     assert snapshot["served"] == 4 and snapshot["latency_ms"]["count"] == 4
     assert oct(os.stat(load_config(daemon.config).socket_path).st_mode & 0o777) == "0o600"

@@ -9,6 +9,7 @@ from typing import Any
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
+from svd.config import DEV_HOTKEY
 from svd.control import call
 from tests.helpers import STRANGER, make_config, running_daemon
 from tests.test_hotswap import query_loop
@@ -70,6 +71,10 @@ async def test_metrics_under_load_match_svd_status(tmp_path: Path, tiny_engine: 
     assert value(m, "svd_samples_stored") == samples["stored"]
     assert value(m, "svd_train_paused") == 0 and value(m, "svd_train_running") == 0
     assert value(m, "svd_errored") == 0
+    # The load signs with the development key: recorded and marked, never a validator query; strangers never.
+    assert value(m, "svd_validator_queries_total", hotkey=DEV_HOTKEY, dev="true") == status["served"]
+    assert [s.labels["hotkey"] for s in m if s.name == "svd_validator_queries_total"] == [DEV_HOTKEY]
+    assert value(m, "svd_validator_last_query_timestamp_seconds") == 0 and value(m, "svd_validators_seen") == 0
     # Latency buckets are cumulative and end at the count.
     buckets = [s.value for s in m if s.name == "svd_request_latency_seconds_bucket"]
     assert buckets == sorted(buckets) and buckets[-1] == status["served"]
@@ -100,6 +105,9 @@ def test_every_metric_the_dashboard_queries_is_exported() -> None:
         "chain": {"mode": "online", "block": 10, "age_s": 1.0, "failures": 0, "own": own},
         "train": {"enabled": True, "runs": {"promoted": 1}, "next_run": "2026-12-01T03:00:00+00:00",
                   "last": {"finished": 1.0, "candidate": {"mcc": 0.5}, "serving": {"mcc": 0.1}}},
+        "validators": {"since": 1.0, "seen": 1, "latest": {"hotkey": "5V", "queries": 2, "first_time": 2.0,
+                       "last_time": 3.0, "status": 200}, "recent": [{"hotkey": "5V", "queries": 2, "first_time": 2.0,
+                       "last_time": 3.0, "status": 200, "dev": False}], "warn_h": 6.0},
     }  # fmt: skip
     exported: set[str] = set()
     for family in _Collector(lambda: snapshot, Stats()).collect():

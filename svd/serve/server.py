@@ -35,40 +35,54 @@ from svd.serve import btauth, protocol
 from svd.serve.auth import Authenticator, Caller
 from svd.serve.batcher import Batcher, Prediction
 from svd.serve.decode import Decoded, DecodeLimits, decode
-from svd.status import Stats
+from svd.status import Stats, ValidatorLog
 
 log = structlog.get_logger(__name__)
+# The share of the in-flight body budget one caller may hold (its first request always fits the budget).
+CALLER_SHARE = 0.5
 
 
 class BodyBudget:
-    """The body bytes all requests in flight may hold together.
+    """The body bytes all requests in flight may hold together, and each caller at most half of them.
 
     A request claims its Content-Length before its body is read, and gives it
     back when answered; a body without one is refused (411): dendrites and
-    bittensor 11 clients always send it, and an unknown size cannot be claimed. The
-    claim stands for everything the body becomes until then: the body (aiohttp
+    bittensor 11 clients always send it, and an unknown size cannot be claimed.
+    The claim stands for everything the body becomes until then: the body (aiohttp
     keeps it with the request), the parsed JSON's base64 string and the image
     bytes, about 2.75 times the claim in memory (config.toml sizes the bound).
+    One caller's burst of large bodies cannot take the whole budget: a
+    validator asking at its normal rate still finds room.
     """
 
-    def __init__(self, max_bytes: int) -> None:
+    def __init__(self, max_bytes: int, caller_share: float = CALLER_SHARE) -> None:
         self.max_bytes = max_bytes
+        self.caller_max = int(max_bytes * caller_share)
         self.held = 0
         self.peak = 0
+        self._by_caller: dict[str, int] = {}
 
-    def claim(self, n: int) -> int:
-        """Takes n bytes of the budget; raises Overloaded (503) when they do not fit."""
-        if self.held + n > self.max_bytes:
+    def claim(self, n: int, caller: str) -> int:
+        """Takes n bytes of the budget for `caller`; raises Overloaded (503) when they do not fit."""
+        mine = self._by_caller.get(caller, 0)
+        if self.held + n > self.max_bytes or (mine and mine + n > self.caller_max):
             raise Overloaded(
-                f"too many large requests in flight ({self.held} of {self.max_bytes} body bytes held)",
+                f"too many large requests in flight ({self.held} of {self.max_bytes} body bytes held, "
+                f"{mine} by this caller)",
                 reason="bodies_in_flight",
             )
         self.held += n
+        self._by_caller[caller] = mine + n
         self.peak = max(self.peak, self.held)
         return n
 
-    def release(self, n: int) -> None:
+    def release(self, n: int, caller: str) -> None:
+        if not n:
+            return
         self.held -= n
+        left = self._by_caller.pop(caller) - n
+        if left:
+            self._by_caller[caller] = left
 
 
 @dataclass
@@ -81,6 +95,7 @@ class Frontend:
     decoder: Executor
     limits: DecodeLimits
     stats: Stats
+    validators: ValidatorLog  # who asked: every caller past authentication, with its last status
     samples: SampleLog | None = None  # None when [samples] is off
 
     def __post_init__(self) -> None:
@@ -97,6 +112,7 @@ class Frontend:
         start = time.monotonic()
         name = request.path.lstrip("/")
         caller = None
+        identity: Caller | None = None
         timeout = self.cfg.default_timeout_s
         claimed = 0
         try:
@@ -109,21 +125,23 @@ class Frontend:
                 if caller.timeout is not None:
                     timeout = min(caller.timeout, self.cfg.timeout_cap_s)
                 deadline = start + max(timeout - self.cfg.response_margin_s, 0.0)
-                claimed = self._claim_body(request)
+                claimed = self._claim_body(request, identity.hotkey)
                 raw = await _read_body(request, deadline)
             query = protocol.parse_body(raw)
             image = await self._decode(query.image)
             future = self.batcher.submit(image, identity.stake, deadline)
             prediction = await _await_until(future, deadline)
         except SvdError as e:
-            return self._error(e, request, name, timeout, caller, start)
+            return self._error(e, request, name, timeout, caller, start, identity)
         except Exception:  # a bug, not the caller's doing: one traceback, and still a proper answer
             log.exception("handler_failed", route=name)
-            return self._error(SvdError("internal error"), request, name, timeout, caller, start)
+            return self._error(SvdError("internal error"), request, name, timeout, caller, start, identity)
         finally:
-            self.bodies.release(claimed)
+            if identity is not None:
+                self.bodies.release(claimed, identity.hotkey)
         elapsed = time.monotonic() - start
         self.stats.served += 1
+        self.validators.record(identity.hotkey, 200)
         self.stats.latency.add(elapsed)
         log.debug("answered", caller=identity.hotkey, prob=prediction.prob, ms=round(elapsed * 1000, 2))
         if self.samples is not None:  # O(1), never waits: the answer goes out right after
@@ -148,24 +166,24 @@ class Frontend:
         if h.receiver != self.auth.own_hotkey:
             raise Unauthorized("request is addressed to another hotkey", reason="foreign_receiver")
         stake = self.auth.admit(h.hotkey)
-        claimed = self._claim_body(request)
+        claimed = self._claim_body(request, h.hotkey)
         try:
             raw = await _read_body(request, deadline)
             path = request.raw_path
             btauth.verify_btauth(h, method=request.method, path=path, body=raw, own_hotkey=self.auth.own_hotkey)
         except BaseException:
-            self.bodies.release(claimed)
+            self.bodies.release(claimed, h.hotkey)
             raise
         return self.auth.charge(h.hotkey, btauth.PROTOCOL, h.nonce, stake), raw, claimed
 
-    def _claim_body(self, request: web.Request) -> int:
-        """The body's share of the in-flight budget, claimed before a byte of it is read."""
+    def _claim_body(self, request: web.Request, hotkey: str) -> int:
+        """The body's share of the in-flight budget, claimed for `hotkey` before a byte of it is read."""
         length = request.content_length
         if length is None:
             raise LengthRequired("request body needs a Content-Length")
         if length > self.cfg.max_body_bytes:
             raise PayloadTooLarge(f"request body of {length} bytes is larger than {self.cfg.max_body_bytes}")
-        return self.bodies.claim(length)
+        return self.bodies.claim(length, hotkey)
 
     async def _decode(self, b64: str) -> Decoded:
         started = time.monotonic()
@@ -182,11 +200,14 @@ class Frontend:
         timeout: float,
         caller: protocol.CallerHeaders | None,
         start: float,
+        identity: Caller | None,
     ) -> web.Response:
         if e.refusal:
             self.stats.refuse(e.reason)
         else:
             self.stats.fail(e.reason)
+        if identity is not None:  # authenticated, then refused or failed: a validator asked all the same
+            self.validators.record(identity.hotkey, e.status)
         log.debug("refused", status=e.status, reason=e.reason, error=e.message)
         elapsed = time.monotonic() - start
         response = web.Response(

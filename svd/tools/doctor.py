@@ -62,12 +62,14 @@ def doctor_config_error(path: Path | None, error: ConfigError, *, as_json: bool 
 
 
 def render(checks: list[Check]) -> str:
-    """Aligned lines; a warn or fail line is followed by its indented `fix:` line."""
+    """Aligned lines; a warn or fail line is followed by its indented `fix:` line (a fix of several lines
+    continues under its first)."""
     lines = []
     for c in checks:
         lines.append(f"{c.status:<{STATUS_WIDTH}}{c.name:<{NAME_WIDTH}}{c.detail}")
         if c.status != "ok" and c.fix:
-            lines.append(f"{'':<{STATUS_WIDTH}}fix: {c.fix}")
+            fix = c.fix.replace("\n", "\n" + " " * (STATUS_WIDTH + len("fix: ")))
+            lines.append(f"{'':<{STATUS_WIDTH}}fix: {fix}")
     return "\n".join(lines)
 
 

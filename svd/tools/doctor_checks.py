@@ -21,16 +21,18 @@ import shutil
 import socket
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cached_property
 from importlib.util import find_spec
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import structlog
 
-from svd.config import DEFAULT_CONFIG, Config
+from svd.config import DEFAULT_CONFIG, DEV_HOTKEY, Config
 from svd.control import call
 from svd.engine.backends.select import choose_backend
 from svd.engine.load import newest_engine
@@ -39,6 +41,7 @@ from svd.engine.serving import engine_to_serve
 from svd.samples.db import DatabaseError, connect_readonly, schema_version
 from svd.serve.chain import Bittensor11Source, ChainError, ChainSnapshot, ChainSource, Neuron
 from svd.serve.wallet import WalletError, hotkey_wallets, load_hotkey
+from svd.status import ValidatorLog, last_query, quiet_s
 from svd.tools.doctor import Check
 
 GB = 1_000_000_000
@@ -89,11 +92,16 @@ class _Probe:
     def own(self) -> Neuron | None:
         return self.snapshot.neurons.get(self.hotkey) if self.snapshot and self.hotkey else None
 
+    @cached_property
+    def daemon(self) -> dict[str, Any] | None:
+        """The running svd's status (asked once), or None when none answers on the control socket."""
+        return _running_daemon(self.cfg)
+
 
 def run_checks(cfg: Config, config_path: Path | None, chain: ChainSource | None = None) -> list[Check]:
     """Every check that applies to `cfg`, in order; never raises."""
     probe = _Probe(cfg, config_path, chain)
-    table = [*LOCAL_CHECKS, *(ONLINE_CHECKS if probe.online else OFFLINE_CHECKS), *DATA_CHECKS]
+    table = [*LOCAL_CHECKS, *(ONLINE_CHECKS if probe.online else OFFLINE_CHECKS), *QUERY_CHECKS, *DATA_CHECKS]
     with _quiet_logs():
         return [_run_one(name, fn, probe) for name, fn in table]
 
@@ -168,7 +176,7 @@ def _port(p: _Probe) -> Verdict:
     host, port = p.cfg.server.host, p.cfg.server.port
     if port == 0:
         return ok("server.port is 0: the system picks a free port at start")
-    status = _running_daemon(p.cfg)
+    status = p.daemon
     if status is not None and str(status.get("listen", "")).rpartition(":")[2] == str(port):
         return ok(f"{host}:{port} in use by this svd (pid {status.get('pid')})")
     try:
@@ -343,6 +351,50 @@ def _kernel_clock_synced() -> bool | None:
     return None if state < 0 else state != TIME_ERROR
 
 
+def _validators(p: _Probe) -> Verdict:
+    window_h, path = p.cfg.daemon.no_query_warn_h, p.cfg.validators_path
+    record = (p.daemon or {}).get("validators")
+    where = f"the running svd, pid {p.daemon['pid']}" if record and p.daemon else str(path)
+    if not record:
+        try:
+            record = ValidatorLog.read(path, (DEV_HOTKEY,)).status()
+        except FileNotFoundError:
+            return ok(f"{path} not created yet (svd run records every validator's queries there)")
+        except (OSError, ValueError) as e:
+            return warn(f"{path} unreadable: {e}", "stop svd and move the file aside: svd starts a new record")
+    now = time.time()
+    detail = f"last validator query {last_query(record, now)} ({where})"
+    if quiet_s(record, now) <= window_h * 3600:
+        return ok(detail if record["latest"] else f"{detail}; warns after {window_h:g} h")
+    return warn(f"{detail}: over daemon.no_query_warn_h ({window_h:g} h)", _no_query_causes(p))
+
+
+def _no_query_causes(p: _Probe) -> str:
+    """Why validators may not ask, most likely first, each with what to do."""
+    c, port = p.cfg.chain, p.cfg.chain.advertise_port or p.cfg.server.port
+    if p.online:
+        chain = (
+            "the chain does not send validators here: the hotkey is not registered, or the axon it holds is "
+            f"not this address; compare svd status's chain line (uid, axon) with [chain] advertise_ip:port "
+            f"({c.advertise_ip or 'empty'}:{port}), and the registered and axon lines above"
+        )
+    else:
+        chain = (
+            "[auth] mode is offline: the chain is not read and only [auth] allowlist hotkeys may ask; "
+            'to mine on the subnet, set [auth] mode = "online" and [chain] (README: Mining on the subnet)'
+        )
+    return "causes, most likely first:\n" + "\n".join(
+        [
+            f"1. port {port} is not reachable from outside: from another machine, nc -vz "
+            f"{c.advertise_ip or '<public ip>'} {port}; open it in the firewall, the NAT and the provider's port "
+            "mapping",
+            f"2. {chain}",
+            "3. the subnet's validators query no one: the subnet's code has been halted since 2026-05-06 (no "
+            "challenges); check NATIX's channels and github.com/natixnetwork/streetvision-subnet, nothing to fix here",
+        ]
+    )
+
+
 def _samples(p: _Probe) -> Verdict:
     path = p.cfg.samples_db
     if not path.exists():
@@ -434,6 +486,7 @@ ONLINE_CHECKS: tuple[tuple[str, CheckFn], ...] = (
     ("axon", _axon),
     ("clock", _clock),
 )
+QUERY_CHECKS: tuple[tuple[str, CheckFn], ...] = (("validators", _validators),)
 DATA_CHECKS: tuple[tuple[str, CheckFn], ...] = (
     ("samples", _samples),
     ("train", _train),
