@@ -1,9 +1,11 @@
 """The judge: a real bittensor 9.12.2 dendrite, in its own virtualenv, queries the daemon."""
 
 import asyncio
+import base64
 import io
 import struct
 import zlib
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -11,8 +13,11 @@ from PIL import Image
 
 from svd.config import Config
 from svd.engine.canary import street_jpegs
+from svd.errors import Overloaded
+from svd.serve.server import BodyBudget
 from tests.bt9env import ensure_bt9_python, run_bt9_client
-from tests.helpers import running_daemon
+from tests.helpers import make_config, running_daemon
+from tests.test_server import query
 
 CACHE = Path(__file__).resolve().parents[1] / ".cache"
 
@@ -136,3 +141,49 @@ async def test_real_dendrite_over_the_pixel_bound_and_a_bomb_are_refused_before_
         assert "image has 6400x4800 pixels, more than 25000000" in rows[0]["status_message"]
         assert "image has 8000x8000 pixels, more than 25000000" in rows[1]["status_message"]
         assert d.snapshot().refused == {"too_large": 2}
+
+
+def test_the_body_budget_bounds_the_total_and_each_caller() -> None:
+    budget = BodyBudget(100, caller_share=0.5)
+    assert budget.claim(40, "a") == 40 and budget.claim(10, "a") == 10
+    with pytest.raises(Overloaded, match="50 by this caller"):  # a's half is used up
+        budget.claim(1, "a")
+    assert budget.claim(45, "b") == 45
+    with pytest.raises(Overloaded, match="95 of 100 body bytes held"):  # the whole budget is
+        budget.claim(6, "c")
+    budget.release(40, "a")
+    assert budget.claim(30, "a") == 30 and budget.held == 85 and budget.peak == 95
+    for n, who in ((30, "a"), (10, "a"), (45, "b")):
+        budget.release(n, who)
+    assert budget.held == 0
+    big = BodyBudget(100, caller_share=0.1)
+    assert big.claim(60, "a") == 60  # a caller's first body fits whatever its share
+
+
+@pytest.mark.slow
+async def test_a_burst_of_large_bodies_gets_503s_while_a_validator_is_answered(
+    bt9_python: Path, tmp_path: Path, tiny_engine: Path, native_dir: Path
+) -> None:
+    """One caller bursts 24 MP bodies far beyond the in-flight bound; a validator at its normal rate,
+    through a real dendrite, gets every answer meanwhile."""
+    cfg = make_config(tmp_path, tiny_engine, server={"max_inflight_body_bytes": 24_000_000})
+    big = base64.b64encode((native_dir / "3-24mp.jpg").read_bytes()).decode()  # a 3.4 MB body
+    statuses: Counter[int] = Counter()
+    async with running_daemon(cfg) as d:
+        hotkey = d.snapshot().hotkey
+        done = asyncio.Event()
+
+        async def burst() -> None:
+            while not done.is_set():
+                outcomes = await asyncio.gather(*(query(d.port, hotkey, big) for _ in range(24)))
+                statuses.update(status for status, _, _ in outcomes)
+
+        bursting = asyncio.create_task(burst())
+        try:
+            rows = await client(bt9_python, d.port, hotkey, native_dir, "--uri", "//Bob", "--route", "ImageSynapse")
+        finally:
+            done.set()
+            await bursting
+        assert [r["status_code"] for r in rows] == [200] * 5, rows
+        assert set(statuses) == {200, 503} and statuses[503] > 0, statuses
+        assert d.snapshot().failed == {"bodies_in_flight": statuses[503]}

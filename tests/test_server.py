@@ -2,6 +2,7 @@
 
 import asyncio
 import base64
+import io
 import json
 import time
 from pathlib import Path
@@ -20,9 +21,10 @@ async def query(
     port: int, miner: str, image: str, kp: Keypair = VALIDATOR, route: str = "ImageSynapse", **kw: object
 ) -> tuple[int, dict, dict]:
     headers, body = protocol.dendrite_request(kp, miner, image, name=route, **kw)  # type: ignore[arg-type]
+    data = io.BytesIO(body) if len(body) > 2**20 else body  # aiohttp warns of large bytes bodies
     async with (
         aiohttp.ClientSession() as s,
-        s.post(f"http://127.0.0.1:{port}/{route}", data=body, headers=headers) as r,
+        s.post(f"http://127.0.0.1:{port}/{route}", data=data, headers=headers) as r,
     ):
         return r.status, json.loads(await r.read()), dict(r.headers)
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
+import io
 import json
 import sys
 import time
@@ -50,6 +52,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--onnx-spin", choices=ONNX_SPINS, default=None,
         help="raw mode: ONNX Runtime's spin policy (default: engine.onnx_spin)",
     )  # fmt: skip
+    p.add_argument("--burst", type=int, default=0, metavar="N", help="also send N requests at once, often")
+    p.add_argument("--burst-every", type=float, default=1.0, metavar="S", help="seconds between bursts (default 1)")
+    p.add_argument("--burst-uri", default="//Bob", help="keypair URI of the bursting caller (allowed by the miner)")
     p.add_argument("--flood-rate", type=float, default=0.0, help="also flood at this rate (per second) meanwhile")
     p.add_argument("--flood-uri", default="//Eve", help="keypair URI of the flooding caller (a refused one)")
     p.add_argument("--scrape", default=None, metavar="URL", help="also GET this (the metrics endpoint) meanwhile")
@@ -89,12 +94,14 @@ class LoadResult:
     ok: int = 0
     errors: Counter[str] = field(default_factory=Counter)
     latencies: list[float] = field(default_factory=list)
+    # Time to an answer other than 200 (a 503 should come at once).
+    error_latencies: list[float] = field(default_factory=list)
     bad_predictions: int = 0
 
     def summary(self, seconds: float) -> dict[str, Any]:
         lat = np.asarray(self.latencies) * 1000 if self.latencies else np.zeros(1)
         p50, p90, p99 = np.percentile(lat, [50, 90, 99])
-        return {
+        out = {
             "seconds": round(seconds, 2),
             "sent": self.sent,
             "ok": self.ok,
@@ -105,6 +112,11 @@ class LoadResult:
             "errors": dict(self.errors),
             "bad_predictions": self.bad_predictions,
         }
+        if self.error_latencies:
+            refused = np.asarray(self.error_latencies) * 1000
+            out["errors_p50_ms"] = round(float(np.percentile(refused, 50)), 2)
+            out["errors_p99_ms"] = round(float(np.percentile(refused, 99)), 2)
+        return out
 
 
 class LoadClient:
@@ -129,8 +141,9 @@ class LoadClient:
         self._next += 1
         headers, body = protocol.dendrite_request(self.keypair, self.axon_hotkey, image, timeout=self.timeout)
         t0 = time.perf_counter() if started is None else started
+        data = io.BytesIO(body) if len(body) > 2**20 else body  # aiohttp warns of large bytes bodies
         try:
-            async with session.post(self.url, data=body, headers=headers) as resp:
+            async with session.post(self.url, data=data, headers=headers) as resp:
                 payload = await resp.read()
                 status = resp.status
         except (TimeoutError, aiohttp.ClientError) as e:
@@ -145,6 +158,7 @@ class LoadClient:
         result.sent += 1
         if status != 200:
             result.errors[str(status)] += 1
+            result.error_latencies.append(time.perf_counter() - t0)
             return
         pred = json.loads(payload).get("prediction")
         if not isinstance(pred, float) or not 0.0 <= pred <= 1.0:
@@ -230,6 +244,32 @@ async def scraped(load: Any, url: str | None, every_s: float) -> dict[str, Any]:
     return figures
 
 
+async def burst_loop(client: LoadClient, n: int, every_s: float, stop: asyncio.Event) -> dict[str, Any]:
+    """n requests at once, every every_s, until stop: what a burst of large bodies gets."""
+    import aiohttp
+
+    result = LoadResult()
+    t0 = time.perf_counter()
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        while not stop.is_set():
+            await asyncio.gather(*(client.one(session, result) for _ in range(n)))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), every_s)
+    return result.summary(time.perf_counter() - t0)
+
+
+async def with_bursts(load: Any, client: LoadClient, n: int, every_s: float) -> dict[str, Any]:
+    """The load's figures, with another caller's bursts meanwhile (their figures under "burst")."""
+    stop = asyncio.Event()
+    bursts = asyncio.ensure_future(burst_loop(client, n, every_s, stop))
+    try:
+        figures: dict[str, Any] = await load
+    finally:
+        stop.set()
+    figures["burst"] = {"n": n, "every_s": every_s, **await bursts}
+    return figures
+
+
 async def flooded(
     client: LoadClient, rate: float, flooder: LoadClient, flood_rate: float, args: argparse.Namespace
 ) -> dict[str, Any]:
@@ -305,6 +345,10 @@ def run_bench(args: argparse.Namespace, cfg: Config) -> int:
 def _bench(args: argparse.Namespace, cfg: Config) -> dict[str, Any]:
     images = load_images(args.images, size=args.image_size)
     if args.raw:
+        import structlog
+
+        # The engine's load lines go to stderr: stdout carries the figures alone (--json parses).
+        structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
         figures = raw_ceilings(cfg, images, args.batch, seconds=args.duration, spin=args.onnx_spin)
     else:
         port = args.port or cfg.server.port
@@ -319,6 +363,9 @@ def _bench(args: argparse.Namespace, cfg: Config) -> dict[str, Any]:
         else:
             load = closed_loop(client, args.concurrency, args.warmup, args.duration)
             run = scraped(load, args.scrape, args.scrape_every)
+        if args.burst > 0:
+            burster = LoadClient(client.url, hotkey, args.burst_uri, images)
+            run = with_bursts(run, burster, args.burst, args.burst_every)
         figures = asyncio.run(with_rss(run, pid if isinstance(pid, int) else None))
         figures.setdefault(
             "mode", f"open loop, {args.rate}/s" if args.rate > 0 else f"closed loop, concurrency {args.concurrency}"

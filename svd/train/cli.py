@@ -126,8 +126,10 @@ async def standalone_run(cfg: Config, bars: bool = False) -> dict[str, Any]:
 
     from svd.engine.serving import engine_to_serve, prepare_engine
     from svd.engine.worker import EngineWorker
+    from svd.process import return_large_buffers_to_os
     from svd.train.pipeline import RunState, TrainRun
 
+    return_large_buffers_to_os()  # native-size images are decoded in tens of MB, as in the daemon
     worker = EngineWorker(step_timeout_s=cfg.batcher.step_timeout_s)
     open_bars: dict[str, Any] = {}
 
