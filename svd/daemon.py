@@ -43,14 +43,13 @@ from svd.serve.chain import Bittensor11Source, ChainSnapshot, ChainSource, Chain
 from svd.serve.decode import DecodeLimits
 from svd.serve.server import Frontend
 from svd.serve.wallet import load_hotkey
-from svd.status import Stats, StatusSnapshot, ValidatorLog
+from svd.status import Stats, StatusSnapshot
 from svd.train.schedule import TrainScheduler
+from svd.validators import ValidatorLog, keep_record, load_record, save_record
 
 log = structlog.get_logger(__name__)
 HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 HEALTH_INTERVAL_S = 5.0
-# How often the record of validators' queries is written when it changed: a SIGKILL loses at most this much.
-VALIDATORS_SAVE_S = 60.0
 RETURNED = "returned"  # how a supervised task that ended without an exception is described
 
 
@@ -124,7 +123,7 @@ class Daemon:
         return_large_buffers_to_os()  # decoded native-size images must not ratchet RSS up
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
         self._lock = lock_state_dir(cfg.state_dir)
-        self.validators = await asyncio.to_thread(self._read_validators)
+        self.validators = await asyncio.to_thread(load_record, cfg.validators_path, self.validators.dev_hotkeys)
         # Bound now, listened on once ready: a taken port stops start-up before anything slow loads.
         self._sock = bind_listener(cfg.server.host, cfg.server.port)
         for folder in (cfg.engines_dir, cfg.train_dir):  # what a killed writer left
@@ -163,7 +162,7 @@ class Daemon:
             self._watcher = EngineWatcher(self.hotswap, cfg.engines_dir, cfg.engine.watch_debounce_ms)
             self.spawn("engine_watcher", self._watcher.run())
         self.spawn("health", self._health_loop())
-        self.spawn("validators", self._keep_validators())
+        self.spawn("validators", keep_record(self.validators, cfg.validators_path))
         self.trainer.start()
         self.state = "serving"
         self.started.set()
@@ -204,7 +203,7 @@ class Daemon:
             # Before the tasks are cancelled: the writer itself writes what is queued, then stops.
             await bounded(self.samples.close(), "samples")
         if served:  # every answer given: the listener is drained
-            await bounded(self._save_validators(), "validators")
+            await bounded(save_record(self.validators, self.cfg.validators_path), "validators")
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
@@ -382,32 +381,6 @@ class Daemon:
         await site.start()  # listens; the server owns the socket from here
         self.port = int(self._sock.getsockname()[1])
         self._sock = None
-
-    def _read_validators(self) -> ValidatorLog:
-        """The record the last run saved; a new one when there is none, or it cannot be read (logged)."""
-        path, dev = self.cfg.validators_path, self.validators.dev_hotkeys
-        try:
-            return ValidatorLog.read(path, dev)
-        except FileNotFoundError:
-            pass
-        except (OSError, ValueError) as e:
-            log.warning("validators_record_ignored", path=str(path), error=str(e))
-        return ValidatorLog(dev)
-
-    async def _keep_validators(self) -> None:
-        while True:
-            await asyncio.sleep(VALIDATORS_SAVE_S)
-            await self._save_validators()
-
-    async def _save_validators(self) -> None:
-        """state/validators.json, when the record changed: copied on the loop, written in a thread."""
-        record = self.validators
-        if not record.unsaved:
-            return
-        try:
-            await asyncio.to_thread(record.save, self.cfg.validators_path, record.dump())
-        except OSError as e:  # a full disk must not stop serving: the next try may succeed
-            log.warning("validators_record_not_saved", path=str(self.cfg.validators_path), error=str(e))
 
     async def _health_loop(self) -> None:
         """Ping systemd's watchdog only while the loop and the engine worker both answer."""

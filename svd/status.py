@@ -1,23 +1,16 @@
-"""Counters of the daemon, the record of who asked (ValidatorLog), and the StatusSnapshot that `svd status` reads.
+"""Counters of the daemon and the StatusSnapshot that `svd status` reads.
 
 Only the event loop thread writes these (the batcher records engine time after
-awaiting the worker), so there are no locks; the one exception is saving the
-validator record, which runs in a thread on a copy taken on the loop.
+awaiting the worker), so there are no locks.
 """
 
 from __future__ import annotations
 
 import bisect
-import json
-import math
-import os
 import textwrap
-import threading
 import time
-from collections import Counter, OrderedDict, deque
-from collections.abc import Iterable
+from collections import Counter, deque
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,9 +19,6 @@ import numpy as np
 WINDOW = 10_000
 # Cumulative histogram buckets (seconds) for the metrics endpoint: a validator's 9 s timeout at the top.
 BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 9.0)
-# Callers the validator record keeps; beyond it the least recently seen is forgotten.
-MAX_VALIDATORS = 1024
-VALIDATORS_FORMAT = 1  # the "format" of state/validators.json
 # Validators `svd status` lists; `svd status --json` has them all.
 VALIDATOR_ROWS = 10
 # The table's key column, and where a value's continuation lines start.
@@ -83,141 +73,6 @@ class Stats:
 
     def fail(self, reason: str) -> None:
         self.failed[reason] += 1
-
-
-@dataclass
-class Seen:
-    """One caller that passed authentication: its queries, first and last (unix seconds), the last HTTP status."""
-
-    hotkey: str
-    queries: int
-    first_time: float
-    last_time: float
-    status: int
-
-
-class ValidatorLog:
-    """Who asked, and when: every caller that passed authentication, answered or not.
-
-    record() is an O(1) dict update on the event loop; the daemon saves the
-    record to state/validators.json now and then (dump() on the loop, save()
-    in a thread) and reads it back at start, so "the last validator query"
-    outlives restarts.
-
-    Args:
-        dev_hotkeys: development keys (svd bench's //Alice): their queries are
-            recorded and marked, and are never "the last validator query".
-        max_hotkeys: callers kept; beyond it the least recently seen is forgotten.
-        since: when the record began (unix seconds); now by default.
-    """
-
-    def __init__(
-        self, dev_hotkeys: Iterable[str] = (), max_hotkeys: int = MAX_VALIDATORS, since: float | None = None
-    ) -> None:
-        self.dev_hotkeys = frozenset(dev_hotkeys)
-        self.max_hotkeys = max_hotkeys
-        self.since = time.time() if since is None else since
-        self._seen: OrderedDict[str, Seen] = OrderedDict()  # least recently seen first
-        # A new record is unsaved: when it began must outlive a restart too.
-        self.changes = 1
-        self._saved = 0
-        self._save_lock = threading.Lock()
-
-    def record(self, hotkey: str, status: int, now: float | None = None) -> None:
-        """One query of `hotkey`, answered with HTTP `status`."""
-        now = time.time() if now is None else now
-        seen = self._seen.get(hotkey)
-        if seen is None:
-            seen = self._seen[hotkey] = Seen(hotkey, 0, now, now, status)
-            if len(self._seen) > self.max_hotkeys:
-                self._seen.popitem(last=False)
-        else:
-            self._seen.move_to_end(hotkey)
-        seen.queries += 1
-        seen.last_time = now
-        seen.status = status
-        self.changes += 1
-
-    def latest(self) -> Seen | None:
-        """The most recent query of a validator (a development key's never counts)."""
-        return next((s for s in reversed(self._seen.values()) if s.hotkey not in self.dev_hotkeys), None)
-
-    def status(self) -> dict[str, Any]:
-        """For the status snapshot: since, validators seen (development keys not counted), the latest
-        validator query, and every caller most recent first (each with `dev`)."""
-        latest = self.latest()
-        return {
-            "since": self.since,
-            "seen": sum(hotkey not in self.dev_hotkeys for hotkey in self._seen),
-            "latest": asdict(latest) if latest else None,
-            "recent": [{**asdict(s), "dev": s.hotkey in self.dev_hotkeys} for s in reversed(self._seen.values())],
-        }
-
-    @property
-    def unsaved(self) -> bool:
-        return self.changes != self._saved
-
-    def dump(self) -> tuple[int, dict[str, Any]]:
-        """What save() writes, taken on the event loop: (the change count, the record as JSON data)."""
-        data = {
-            "format": VALIDATORS_FORMAT,
-            "since": self.since,
-            "validators": [asdict(s) for s in self._seen.values()],
-        }
-        return self.changes, data
-
-    def save(self, path: Path, dumped: tuple[int, dict[str, Any]]) -> None:
-        """Write a dump() to `path` atomically (a temp file, fsync, rename); from any thread.
-
-        A dump older than the one last written is skipped: a slow periodic write never
-        replaces the one shutdown made after it. Raises OSError.
-        """
-        changes, data = dumped
-        with self._save_lock:
-            if changes <= self._saved:
-                return
-            tmp = path.with_name(f".{path.name}.tmp")
-            with open(tmp, "w") as f:
-                json.dump(data, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-            self._saved = changes
-
-    @classmethod
-    def read(cls, path: Path, dev_hotkeys: Iterable[str] = (), max_hotkeys: int = MAX_VALIDATORS) -> ValidatorLog:
-        """The record save() wrote. Raises OSError (FileNotFoundError: none yet) or ValueError (not such a file)."""
-        data = json.loads(path.read_text())
-        if not isinstance(data, dict) or data.get("format") != VALIDATORS_FORMAT:
-            raise ValueError(f"not a validator record of format {VALIDATORS_FORMAT}")
-        rows = data.get("validators")
-        if not _is_time(data.get("since")) or not isinstance(rows, list):
-            raise ValueError("expected a number `since` and a list `validators`")
-        seen = sorted((_seen_from(row, i) for i, row in enumerate(rows)), key=lambda s: s.last_time)
-        log = cls(dev_hotkeys, max_hotkeys, since=float(data["since"]))
-        for s in seen[-max_hotkeys:]:
-            log._seen[s.hotkey] = s
-        log._saved = log.changes  # as read: nothing to save
-        return log
-
-
-def _seen_from(row: Any, i: int) -> Seen:
-    if not (
-        isinstance(row, dict)
-        and isinstance(row.get("hotkey"), str)
-        and all(_is_count(row.get(key)) for key in ("queries", "status"))
-        and all(_is_time(row.get(key)) for key in ("first_time", "last_time"))
-    ):
-        raise ValueError(f"validators[{i}]: expected hotkey, queries, first_time, last_time and status")
-    return Seen(row["hotkey"], row["queries"], float(row["first_time"]), float(row["last_time"]), row["status"])
-
-
-def _is_count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-def _is_time(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
 
 
 @dataclass(frozen=True)
@@ -404,6 +259,10 @@ def _train(t: dict[str, Any]) -> str:
                 f"{PAD}holdout mcc {cand['mcc']:.3f} vs serving {serv['mcc']:.3f}, "
                 f"reward {cand['reward_proxy']:.3f} vs {serv['reward_proxy']:.3f}"
             )
+        kinds = last.get("by_kind") or {}
+        if len(kinds) > 1:  # where the head is weak: real photos, synthetic images, served samples
+            each = (f"{kind} mcc {k['candidate']['mcc']:.3f} vs {k['serving']['mcc']:.3f}" for kind, k in kinds.items())
+            line += PAD + "by kind: " + ", ".join(each)
         if last.get("engine"):
             line += f"{PAD}wrote engine {last['engine']}"
         elif last.get("reason"):

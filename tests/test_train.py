@@ -27,6 +27,7 @@ from svd.engine.manifest import HEAD, read_manifest, verify_engine_dir
 from svd.engine.serving import prepare_engine
 from svd.engine.worker import EngineWorker
 from svd.process import try_flock
+from svd.status import _train as status_train_row
 from svd.train.features import FEATURES_DB, FeatureCache
 from svd.train.pipeline import LOCK, RunState, TrainRun
 from svd.train.report import PLOTS, REPORT, read_history
@@ -144,6 +145,12 @@ async def test_today_s_validators_on_native_size_data_real_and_synthetic(
     for figures in kinds.values():
         assert figures["n"] > 0 and -1.0 <= figures["candidate"]["mcc"] <= 1.0
         assert 0.0 <= figures["candidate"]["accuracy"] <= 1.0 and 0.0 <= figures["serving"]["accuracy"] <= 1.0
+    row = status_train_row({"enabled": True, "schedule": "0 3 * * *", "last": state.summary()})
+    real, synthetic = kinds["real"], kinds["synthetic"]
+    assert (
+        f"by kind: real mcc {real['candidate']['mcc']:.3f} vs {real['serving']['mcc']:.3f}, "
+        f"synthetic mcc {synthetic['candidate']['mcc']:.3f} vs {synthetic['serving']['mcc']:.3f}"
+    ) in row
 
     # Mixing in January's validators extracts their views and keeps every current one.
     mixed = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, generation="current:1, v0.2:1"))

@@ -22,8 +22,9 @@ import pytest
 from structlog.testing import capture_logs
 
 from svd.config import DEV_HOTKEY, Config, ConfigError, config_from_dict, load_config
-from svd.status import ValidatorLog, render_table, short_hotkey
+from svd.status import render_table, short_hotkey
 from svd.tools.doctor import run_doctor
+from svd.validators import ValidatorLog
 from tests.bt9env import ensure_bt9_python, run_bt9_client
 from tests.helpers import SMALL_VALIDATOR, STRANGER, VALIDATOR, free_port, make_config, running_daemon, write_config
 from tests.test_doctor import FakeChain, miner, online_config
@@ -198,10 +199,10 @@ async def test_svd_status_with_no_validator_query_says_since_when(config: Config
 async def test_the_record_is_saved_while_serving_and_read_back_after_a_restart(
     config: Config, jpegs_b64: list[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("svd.daemon.VALIDATORS_SAVE_S", 0.05)
+    monkeypatch.setattr("svd.validators.SAVE_EVERY_S", 0.05)
     async with running_daemon(config) as d:
         assert (await query(d.port, d.snapshot().hotkey, jpegs_b64[0], kp=SMALL_VALIDATOR))[0] == 200
-        # Written while serving (a SIGKILL loses at most VALIDATORS_SAVE_S of it), not only at shutdown.
+        # Written while serving (a SIGKILL loses at most SAVE_EVERY_S of it), not only at shutdown.
         saved = await _until(lambda: _saved_hotkeys(config.validators_path) == [BOB])
         assert saved, config.validators_path
         first = d.snapshot().validators

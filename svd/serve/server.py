@@ -35,7 +35,8 @@ from svd.serve import btauth, protocol
 from svd.serve.auth import Authenticator, Caller
 from svd.serve.batcher import Batcher, Prediction
 from svd.serve.decode import Decoded, DecodeLimits, decode
-from svd.status import Stats, ValidatorLog
+from svd.status import Stats
+from svd.validators import ValidatorLog
 
 log = structlog.get_logger(__name__)
 # The share of the in-flight body budget one caller may hold (its first request always fits the budget).

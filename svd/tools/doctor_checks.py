@@ -41,8 +41,9 @@ from svd.engine.serving import engine_to_serve
 from svd.samples.db import DatabaseError, connect_readonly, schema_version
 from svd.serve.chain import Bittensor11Source, ChainError, ChainSnapshot, ChainSource, Neuron
 from svd.serve.wallet import WalletError, hotkey_wallets, load_hotkey
-from svd.status import ValidatorLog, last_query, quiet_s
+from svd.status import last_query, quiet_s
 from svd.tools.doctor import Check
+from svd.validators import ValidatorLog
 
 GB = 1_000_000_000
 MIN_FREE_BYTES = 2 * GB
