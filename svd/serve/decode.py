@@ -36,8 +36,6 @@ class Decoded:
     raw: bytes  # the encoded image as the caller sent it
     format: str  # PIL's name, lower case: "jpeg", "png", "webp"
     preprocess: Preprocess  # the mapping the pixels were made with
-    width: int = 0  # the image's own size, from its header
-    height: int = 0
 
 
 def decode_image(b64: str, limits: DecodeLimits, preprocess: Preprocess = LEGACY) -> np.ndarray:
@@ -78,4 +76,4 @@ def decode_raw(raw: bytes, limits: DecodeLimits, preprocess: Preprocess) -> Deco
         raise PayloadTooLarge("image is a decompression bomb") from None
     except Exception as e:  # truncated data, broken headers, PIL's own limits
         raise BadRequest(f"image cannot be decoded: {type(e).__name__}", reason="bad_image") from None
-    return Decoded(pixels, raw, fmt, preprocess, width, height)
+    return Decoded(pixels, raw, fmt, preprocess)
