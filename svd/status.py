@@ -198,6 +198,12 @@ def _local_time(t: float) -> str:
 def _engine(e: dict[str, Any]) -> str:
     line = f"{e.get('name')} v{e.get('version')} on {e.get('backend')}"
     line += f"{' (pinned)' if e.get('pinned') else ''}, swaps {e.get('swaps', 0)}"
+    if e.get("head_trained") is False:  # the only engine there is: it answers 0.5 until it is trained
+        line += PAD + "untrained head: every answer is 0.5 until a training run gives it one (svd train)"
+    if e.get("untrained_waiting"):
+        waiting = e["untrained_waiting"]
+        line += PAD + f"{waiting} has no trained head yet, so it does not serve: "
+        line += f"svd train --standalone --engine {waiting}"
     if e.get("plan_unusable"):
         line += PAD + f"TensorRT plan not serving: {e['plan_unusable']}"
     refusal = e.get("last_refusal")

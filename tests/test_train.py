@@ -182,6 +182,9 @@ async def test_too_little_data_is_a_skipped_run_with_a_report(
     engine = await serving(worker, cfg)
     state = await TrainRun(cfg, worker, engine, "test").run()
     assert state.result == "skipped" and "too little labelled data" in state.reason
+    # A sentence, not a Python dict: the counts, the bound and the sources read.
+    assert "{" not in state.reason and "at least 10000 training images (train.min_images)" in state.reason
+    assert f"natix_parquet-0 ({demo_data}: 480 rows)" in state.reason
     assert json.loads((Path(state.report or "") / REPORT).read_text())["result"]["result"] == "skipped"
     await worker.run(engine.close)
 

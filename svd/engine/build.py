@@ -26,7 +26,7 @@ from torch import nn
 
 from svd.engine.backends.torch import backbone_config_json
 from svd.engine.export import DEFAULT_OPSET, export_backbone_onnx
-from svd.engine.head import Head, numpy_to_tensor, random_head
+from svd.engine.head import Head, numpy_to_tensor, random_head, untrained_head
 from svd.engine.manifest import (
     BACKBONE_CONFIG,
     BACKBONE_ONNX,
@@ -278,7 +278,7 @@ def load_backbones(backbone_ids: Sequence[str]) -> EnsembleBackbone:
 
 
 def build_engine(
-    head_checkpoint: Path,
+    head_checkpoint: Path | None,
     backbone_ids: Sequence[str] | str,
     engines_dir: Path,
     name: str,
@@ -297,9 +297,11 @@ def build_engine(
 
     The head checkpoint is the ensemble format (one member MLP per backbone,
     fusion, temperature) or, for one backbone, the older single-MLP format.
-    Real backbones come from the local Hugging Face cache, or the network and
-    a token for gated DINOv3 repos. torch_parts defaults off: they double the
-    disk use.
+    Without one (None) the engine gets an untrained head (every answer 0.5)
+    and `head_trained` false in its manifest: the first training run gives it
+    a head. Real backbones come from the local Hugging Face cache, or the
+    network and a token for gated DINOv3 repos. torch_parts defaults off: they
+    double the disk use.
 
     Raises:
         EngineError: a backbone cannot be loaded, the head does not fit the
@@ -308,16 +310,11 @@ def build_engine(
     ids = (backbone_ids,) if isinstance(backbone_ids, str) else tuple(backbone_ids)
     if not ids:
         raise EngineError("build_engine needs at least one backbone id")
-    try:
-        head = Head.from_state(load_file(str(head_checkpoint)))
-    except Exception as exc:  # safetensors, KeyError, ValueError and load_state_dict errors alike
-        raise EngineError(f"{head_checkpoint}: cannot load head weights ({exc!r})") from exc
-    if len(head.feature_dims) != len(ids):
-        raise EngineError(
-            f"{head_checkpoint}: head has {len(head.feature_dims)} members, {len(ids)} backbone ids given"
-        )
+    head = _checkpoint_head(head_checkpoint, len(ids)) if head_checkpoint is not None else None
     backbone = load_backbones(ids)
-    if head.feature_dims != backbone.feature_dims:
+    if head is None:
+        head = untrained_head(backbone.feature_dims)
+    elif head.feature_dims != backbone.feature_dims:
         raise EngineError(
             f"{head_checkpoint}: head takes features {list(head.feature_dims)}, "
             f"backbones give {list(backbone.feature_dims)}"
@@ -335,6 +332,7 @@ def build_engine(
         holdout_metrics=dict(holdout_metrics or {}),
         members=_members(backbone, ids),
         preprocess=preprocess,
+        head_trained=head_checkpoint is not None,
     )
     return assemble_engine(
         engines_dir / name,
@@ -347,6 +345,16 @@ def build_engine(
     )
 
 
+def _checkpoint_head(path: Path, members: int) -> Head:
+    try:
+        head = Head.from_state(load_file(str(path)))
+    except Exception as exc:  # safetensors, KeyError, ValueError and load_state_dict errors alike
+        raise EngineError(f"{path}: cannot load head weights ({exc!r})") from exc
+    if len(head.feature_dims) != members:
+        raise EngineError(f"{path}: head has {len(head.feature_dims)} members, {members} backbone ids given")
+    return head
+
+
 def write_head_engine(
     base: Path,
     target: Path,
@@ -357,6 +365,7 @@ def write_head_engine(
     holdout_metrics: Mapping[str, float] | None = None,
     created: datetime | None = None,
     preprocess: Preprocess | None = None,
+    trained: bool = True,
 ) -> Manifest:
     """Writes engine `target`: a new head on `base`'s backbone; returns its manifest.
 
@@ -395,5 +404,6 @@ def write_head_engine(
         train_run_id=train_run_id,
         holdout_metrics=metrics,
         preprocess=preprocess or manifest.preprocess,
+        head_trained=trained,
     )
     return write_engine_dir(target, new, parts)

@@ -39,6 +39,22 @@ class MemberHead(nn.Module):
         return self.fc2(self.act(self.fc1(self.norm(features)))).squeeze(-1)
 
 
+class LinearMemberHead(nn.Module):
+    """One linear map from a member's features to its logit: an imported classifier's own layer, exactly
+    (svd.engine.classifier), or an untrained head's zeros."""
+
+    def __init__(self, feature_dim: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(feature_dim, 1)
+
+    @property
+    def feature_dim(self) -> int:
+        return int(self.linear.in_features)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.linear(features).squeeze(-1)
+
+
 # Keys of the single-MLP head.safetensors written before ensembles existed.
 _OLD_HEAD_KEYS = ("norm.weight", "norm.bias", "fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias")
 
@@ -52,7 +68,8 @@ class Head(nn.Module):
 
     Args:
         feature_dims: D of each member, in manifest member order (an int: K = 1).
-        hidden: hidden width of the member MLPs (one for all, or one each).
+        hidden: hidden width of the member MLPs (one for all, or one each); 0: a
+            linear member (LinearMemberHead) instead of an MLP.
     """
 
     temperature: torch.Tensor
@@ -63,7 +80,9 @@ class Head(nn.Module):
         widths = (hidden,) * len(dims) if isinstance(hidden, int) else tuple(hidden)
         if not dims or len(widths) != len(dims):
             raise ValueError(f"a head needs one hidden width per member: dims {dims}, hidden {widths}")
-        self.members = nn.ModuleList(MemberHead(d, h) for d, h in zip(dims, widths, strict=True))
+        self.members = nn.ModuleList(
+            MemberHead(d, h) if h else LinearMemberHead(d) for d, h in zip(dims, widths, strict=True)
+        )
         self.fusion = nn.Linear(len(dims), 1)
         with torch.no_grad():
             self.fusion.weight.fill_(1.0 / len(dims))
@@ -72,7 +91,7 @@ class Head(nn.Module):
 
     @property
     def feature_dims(self) -> tuple[int, ...]:
-        return tuple(cast(MemberHead, m).feature_dim for m in self.members)
+        return tuple(cast(MemberHead | LinearMemberHead, m).feature_dim for m in self.members)
 
     @property
     def feature_dim(self) -> int:
@@ -109,9 +128,16 @@ class Head(nn.Module):
             state["fusion.bias"] = torch.zeros(1)
         dims: list[int] = []
         widths: list[int] = []
-        while (fc1 := state.get(f"members.{len(dims)}.fc1.weight")) is not None:
-            widths.append(int(fc1.shape[0]))
-            dims.append(int(fc1.shape[1]))
+        while True:
+            k = len(dims)
+            if (fc1 := state.get(f"members.{k}.fc1.weight")) is not None:
+                widths.append(int(fc1.shape[0]))
+                dims.append(int(fc1.shape[1]))
+            elif (linear := state.get(f"members.{k}.linear.weight")) is not None:
+                widths.append(0)
+                dims.append(int(linear.shape[1]))
+            else:
+                break
         if not dims:
             raise KeyError("members.0.fc1.weight")
         temperature = state.get("temperature")
@@ -120,6 +146,17 @@ class Head(nn.Module):
         head = cls(dims, widths)
         head.load_state_dict(state, strict=True)
         return head.eval()
+
+
+def untrained_head(dims: Sequence[int] | int) -> Head:
+    """A head that knows nothing yet: every logit 0, every probability exactly 0.5 (which validators round
+    to "no roadwork": a constant predictor, MCC 0). An engine built without a head carries it until
+    training gives it one (docs/engine-format.md, "Untrained engines")."""
+    head = Head(dims, hidden=0)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.zero_()
+    return head.eval()
 
 
 def random_head(dims: Sequence[int] | int, hidden: int = 256, seed: int = 0) -> Head:

@@ -25,8 +25,8 @@ from watchfiles import Change, awatch
 
 from svd.config import EngineConfig
 from svd.control import CommandError
-from svd.engine.load import Engine, EngineError, list_engines
-from svd.engine.manifest import TEMP_PREFIX, Manifest, read_manifest, verify_engine_dir
+from svd.engine.load import Engine, EngineError, list_engines, newest_engine
+from svd.engine.manifest import TEMP_PREFIX, Manifest, read_manifest, serving_rank, verify_engine_dir
 from svd.engine.serving import ServingEngine, prepare_engine
 from svd.engine.worker import EngineWorker
 
@@ -44,13 +44,16 @@ class Refusal:
     time: float
 
 
-def _order(path: Path) -> tuple[datetime, str]:
-    """newest_engine()'s order: manifest created time, then name."""
-    return read_manifest(path).created, path.name
+Rank = tuple[bool, datetime, str]
 
 
-def _serving_order(engine: Engine) -> tuple[datetime, str]:
-    return engine.manifest.created, engine.path.name
+def _rank(path: Path) -> Rank:
+    """newest_engine()'s order: a trained head first, then manifest created time, then name."""
+    return serving_rank(read_manifest(path), path.name)
+
+
+def _serving_rank(engine: Engine) -> Rank:
+    return serving_rank(engine.manifest, engine.path.name)
 
 
 class HotSwap:
@@ -77,6 +80,15 @@ class HotSwap:
         self._refused: set[Path] = set()
         # One swap at a time, whether from the watcher or a command.
         self._lock = asyncio.Lock()
+        # An engine without a trained head newer than the trained one serving: it waits for its first
+        # head (name, backbone), until an engine with a trained head on that backbone serves.
+        self._waiting: tuple[str, str] | None = None
+        if self.serving.manifest.head_trained:
+            created = self.serving.manifest.created
+            for path in list_engines(engines_dir):
+                m = _safe_manifest(path)
+                if m is not None and not m.head_trained and m.created > created:
+                    self._waiting = (path.name, m.backbone_sha256)
 
     @property
     def serving(self) -> Engine:
@@ -91,6 +103,8 @@ class HotSwap:
             "plan_unusable": e.plan_unusable,
             "path": str(e.path),
             "created": e.manifest.created.isoformat(),
+            "head_trained": e.manifest.head_trained,
+            "untrained_waiting": self._waiting[0] if self._waiting else None,
             "pinned": self.pinned,
             "swaps": self.swaps,
             "last_refusal": {"name": r.name, "error": r.error, "time": r.time} if r else None,
@@ -105,9 +119,14 @@ class HotSwap:
         }
 
     async def unpin(self) -> dict[str, Any]:
-        """Let newer engines swap in again; the serving engine stays until one arrives."""
+        """Let newer engines swap in again, and serve the one that ranks first on disk now (the newest
+        trained one) if that is not the serving one; if it is refused, the serving engine stays."""
         self.pinned = False
         log.info("engine_unpinned", serving=self.serving.name)
+        async with self._lock:
+            best = await asyncio.to_thread(newest_engine, self._dir)
+            if best is not None and best != self.serving.path and best not in self._refused:
+                await self._verify_and_swap(best)
         return self.status()
 
     async def offer(self, path: Path) -> bool:
@@ -116,16 +135,21 @@ class HotSwap:
             manifest = await self._verified(path)
             if manifest is None:
                 return False
-            if self.pinned or (manifest.created, path.name) <= _serving_order(self.serving):
-                log.info("engine_not_swapped", name=path.name, serving=self.serving.name, pinned=self.pinned)
+            if self.pinned or serving_rank(manifest, path.name) <= _serving_rank(self.serving):
+                why = "pinned" if self.pinned else "untrained head" if not manifest.head_trained else "not newer"
+                log.info("engine_not_swapped", name=path.name, serving=self.serving.name, why=why)
+                if why == "untrained head":
+                    self._waiting = (path.name, manifest.backbone_sha256)
                 return False
             return await self._swap(path, manifest)
 
     async def swap_to(self, name: str) -> dict[str, Any]:
         """Pin and serve engines/<name>; raises SwapRefused if it is missing or bad."""
         path = self._dir / name
-        if not name or path not in list_engines(self._dir):
-            raise SwapRefused(f"no engine {name!r} in {self._dir}")
+        engines = list_engines(self._dir)
+        if not name or path not in engines:
+            there = ", ".join(p.name for p in engines) or "none"
+            raise SwapRefused(f"no engine {name!r} in {self._dir} (engines there: {there})")
         async with self._lock:
             if path != self.serving.path and not await self._verify_and_swap(path):
                 raise SwapRefused(f"engine {name!r} refused: {self.last_refusal.error if self.last_refusal else '?'}")
@@ -152,8 +176,8 @@ class HotSwap:
 
     def _rollback_candidates(self) -> list[Path]:
         on_disk = set(list_engines(self._dir))
-        current = _serving_order(self.serving)
-        older = sorted(((o, p) for p in on_disk if (o := _safe_order(p)) and o < current), reverse=True)
+        current = _serving_rank(self.serving)
+        older = sorted(((o, p) for p in on_disk if (o := _safe_rank(p)) and o < current), reverse=True)
         ordered = [*reversed(self._served), *(p for _, p in older)]
         seen: set[Path] = {self.serving.path}
         picked = []
@@ -189,6 +213,8 @@ class HotSwap:
         if remember:
             self._served = [p for p in self._served if p != new.path] + [old.path]
         self._refused.discard(new.path)
+        if self._waiting and new.manifest.head_trained and new.manifest.backbone_sha256 == self._waiting[1]:
+            self._waiting = None  # its backbone has a trained head now
         log.info("engine_swapped", name=new.name, version=new.version, previous=old.name, swaps=self.swaps)
         await self._worker.run(old.close)
         await asyncio.to_thread(self._prune)
@@ -198,8 +224,9 @@ class HotSwap:
         """Keeps the `keep` newest engine directories besides the serving one; removes older ones."""
         if self._cfg.keep == 0:
             return
+        # By age alone: an engine just built without a head, waiting for its first training, is new.
         others = sorted(
-            ((o, p) for p in list_engines(self._dir) if p != self.serving.path and (o := _safe_order(p))),
+            ((o[1:], p) for p in list_engines(self._dir) if p != self.serving.path and (o := _safe_rank(p))),
             reverse=True,
         )
         for _, path in others[self._cfg.keep :]:
@@ -218,9 +245,16 @@ class HotSwap:
         log.error("engine_refused", name=name, error=text, serving=self.serving.name)
 
 
-def _safe_order(path: Path) -> tuple[datetime, str] | None:
+def _safe_manifest(path: Path) -> Manifest | None:
     try:
-        return _order(path)
+        return read_manifest(path)
+    except EngineError:
+        return None
+
+
+def _safe_rank(path: Path) -> Rank | None:
+    try:
+        return _rank(path)
     except EngineError:
         return None
 

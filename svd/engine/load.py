@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,7 @@ from svd.engine.manifest import (
     EngineError,
     Manifest,
     read_manifest,
+    serving_rank,
     verify_engine_dir,
 )
 
@@ -270,15 +272,19 @@ def list_engines(engines_dir: Path) -> list[Path]:
     )
 
 
-def newest_engine(engines_dir: Path) -> Path | None:
-    """The engine directory whose manifest has the latest `created`; unreadable ones are skipped."""
-    best: tuple[Manifest, Path] | None = None
+def newest_engine(engines_dir: Path, trained_first: bool = True) -> Path | None:
+    """The engine directory to serve: the latest `created` among those with a trained head, or among all
+    when none has one (or trained_first is off); unreadable ones are skipped."""
+    best: tuple[tuple[bool, datetime, str], Path] | None = None
     for path in list_engines(engines_dir):
         try:
             manifest = read_manifest(path)
         except EngineError as exc:
             log.warning("engine_manifest_unreadable", path=str(path), error=str(exc))
             continue
-        if best is None or (manifest.created, path.name) > (best[0].created, best[1].name):
-            best = (manifest, path)
+        rank = serving_rank(manifest, path.name)
+        if not trained_first:
+            rank = (True, *rank[1:])
+        if best is None or rank > best[0]:
+            best = (rank, path)
     return best[1] if best is not None else None

@@ -52,7 +52,7 @@ class InputSpec:
 
 SERVED_INPUT = InputSpec()
 # Backbone families (svd.model.FAMILIES; repeated here so serving needs no torch).
-FAMILIES = ("dinov3", "siglip2")
+FAMILIES = ("dinov3", "siglip2", "vit")
 
 
 @dataclass(frozen=True)
@@ -98,6 +98,9 @@ class Manifest:
         preprocess: how an encoded image becomes `input` (svd.engine.preprocess),
             for serving and training alike; engines written before the field
             existed get LEGACY, what they were always fed.
+        head_trained: False for an engine built without a head (its head
+            answers 0.5 to everything): never served while a trained engine
+            exists, and the first training run gives it a head.
     """
 
     name: str
@@ -116,6 +119,7 @@ class Manifest:
     parts: dict[str, str] = field(default_factory=dict)
     members: tuple[Member, ...] = ()
     preprocess: Preprocess = LEGACY
+    head_trained: bool = True
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
@@ -182,6 +186,7 @@ _SCALAR_TYPES: dict[str, tuple[type, ...]] = {
     "input": (dict,),
     "members": (list,),
     "preprocess": (dict,),
+    "head_trained": (bool,),
 }
 _REQUIRED = ("format_version", "name", "version", "created", "backbone_ids", "input", "feature_dim", "parts")
 
@@ -350,6 +355,11 @@ def verify_engine_dir(engine_dir: Path) -> Manifest:
         if actual != expected.lower():
             raise EngineError(f"{path}: sha256 mismatch (manifest {expected[:12]}…, file {actual[:12]}…)")
     return manifest
+
+
+def serving_rank(manifest: Manifest, name: str) -> tuple[bool, datetime, str]:
+    """Which engine serves first: a trained head before an untrained one, then the newest, then by name."""
+    return manifest.head_trained, manifest.created, name
 
 
 def utc_now() -> datetime:

@@ -11,6 +11,10 @@ Families (each feature vector is D = 2 * hidden):
 - SigLIP2 vision tower (fixed-resolution checkpoints such as
   google/siglip2-so400m-patch14-384 are `SiglipModel`s): the attention-pooled
   output + mean of the post-layernormed patch tokens.
+- ViT (transformers `ViTModel`, the encoder of a ViT image classifier such as
+  the subnet's reference model): the final-layernormed CLS token (what the
+  classifier's own linear layer reads) + mean of the patch tokens; its image
+  processor's mean and std ride in its config (`image_mean`, `image_std`).
 
 An ensemble runs K member backbones in one graph and concatenates their
 features in member order. The head runs one small MLP per member on its
@@ -21,7 +25,7 @@ calibration temperature then gives prob = sigmoid(fused / T).
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
@@ -30,7 +34,15 @@ from torch import nn
 # transformers is the `build` extra: serving an ONNX engine needs only Head,
 # so it is imported where a backbone is built, not at module import.
 if TYPE_CHECKING:
-    from transformers import DINOv3ViTConfig, DINOv3ViTModel, PretrainedConfig, SiglipVisionConfig, SiglipVisionModel
+    from transformers import (
+        DINOv3ViTConfig,
+        DINOv3ViTModel,
+        PretrainedConfig,
+        SiglipVisionConfig,
+        SiglipVisionModel,
+        ViTConfig,
+        ViTModel,
+    )
 
 IMAGE_SIZE = 224
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -44,9 +56,10 @@ ATTN_IMPLEMENTATION = "eager"
 
 DINOV3 = "dinov3"
 SIGLIP2 = "siglip2"
-FAMILIES = (DINOV3, SIGLIP2)
+VIT = "vit"
+FAMILIES = (DINOV3, SIGLIP2, VIT)
 # Test/demo ids: a seeded random tiny backbone instead of a hub download.
-_RANDOM_ID = re.compile(r"random:(dinov3|siglip2)-tiny(?:-seed(\d+))?")
+_RANDOM_ID = re.compile(r"random:(dinov3|siglip2|vit)-tiny(?:-seed(\d+))?")
 _TINY_TEST_SIZES: dict[str, int] = {"hidden_size": 64, "num_layers": 2, "num_heads": 2}
 
 
@@ -118,6 +131,34 @@ def tiny_siglip2_config(
         patch_size=patch_size,
         image_size=image_size,
         vision_use_head=True,
+    )
+    config._attn_implementation = ATTN_IMPLEMENTATION
+    return config
+
+
+def tiny_vit_config(
+    hidden_size: int = 64, num_layers: int = 2, num_heads: int = 2, patch_size: int = 16, image_size: int = IMAGE_SIZE
+) -> ViTConfig:
+    """Builds a small ViT config (the encoder of a ViT image classifier) for tests.
+
+    Args:
+        hidden_size: token width; divisible by num_heads.
+        num_layers: transformer blocks.
+        num_heads: attention heads.
+        patch_size: square patch side in pixels; must divide image_size.
+        image_size: the encoder's input side; 224 images are resized to it.
+    """
+    from transformers import ViTConfig
+
+    if hidden_size % num_heads or image_size % patch_size:
+        raise ValueError("hidden_size must be divisible by num_heads and image_size by patch_size")
+    config = ViTConfig(
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 4,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        patch_size=patch_size,
+        image_size=image_size,
     )
     config._attn_implementation = ATTN_IMPLEMENTATION
     return config
@@ -220,6 +261,35 @@ class SiglipBackbone(MemberBackbone):
         return torch.cat([out.pooler_output, out.last_hidden_state.mean(dim=1)], dim=-1)
 
 
+class ViTBackbone(MemberBackbone):
+    """A ViT encoder (an image classifier's): uint8 NHWC (N, 224, 224, 3) -> float32 (N, 2 * hidden).
+
+    Normalised with the mean and std its image processor used (kept in the
+    config as image_mean / image_std; 0.5 when absent, the ViT processor's
+    default), resized in the graph to the config's image_size when that is not 224.
+    """
+
+    family = VIT
+
+    def __init__(self, vit: ViTModel) -> None:
+        config = vit.config
+        super().__init__(getattr(config, "image_mean", SIGLIP_MEAN), getattr(config, "image_std", SIGLIP_STD))
+        self.vit = vit
+        size = config.image_size
+        if not isinstance(size, int):
+            raise ValueError(f"ViT needs a square int image_size, got {size!r}")
+        self.image_size = size
+
+    @property
+    def config(self) -> PretrainedConfig:
+        return self.vit.config
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = _normalised(images, self.mean, self.std, self.image_size)
+        tokens = self.vit(pixel_values=x).last_hidden_state  # after the final layernorm
+        return torch.cat([tokens[:, 0], tokens[:, 1:].mean(dim=1)], dim=-1)
+
+
 class EnsembleBackbone(nn.Module):
     """K member backbones in one graph: uint8 images -> concatenated features (N, sum D_k).
 
@@ -255,7 +325,7 @@ class EnsembleBackbone(nn.Module):
 
 def member_from_config(family: str, config: PretrainedConfig, seed: int | None = None) -> MemberBackbone:
     """A member backbone of `family` from its config; seeded random weights when `seed` is set."""
-    from transformers import DINOv3ViTModel, SiglipVisionModel
+    from transformers import DINOv3ViTModel, SiglipVisionModel, ViTModel
 
     if family not in FAMILIES:
         raise ValueError(f"unknown backbone family {family!r}; known: {', '.join(FAMILIES)}")
@@ -265,19 +335,21 @@ def member_from_config(family: str, config: PretrainedConfig, seed: int | None =
             torch.manual_seed(seed)
         if family == DINOV3:
             member: MemberBackbone = Backbone(DINOv3ViTModel(cast("DINOv3ViTConfig", config)))
-        else:
+        elif family == SIGLIP2:
             member = SiglipBackbone(SiglipVisionModel(cast("SiglipVisionConfig", config)))
+        else:
+            member = ViTBackbone(ViTModel(cast("ViTConfig", config), add_pooling_layer=False))
     return member.eval()
 
 
 def config_from_dict(family: str, data: dict[str, Any]) -> PretrainedConfig:
     """The transformers config of a member from its `to_dict()` JSON."""
-    from transformers import DINOv3ViTConfig, SiglipVisionConfig
+    from transformers import DINOv3ViTConfig, SiglipVisionConfig, ViTConfig
 
     if family not in FAMILIES:
         raise ValueError(f"unknown backbone family {family!r}; known: {', '.join(FAMILIES)}")
-    cls = DINOv3ViTConfig if family == DINOV3 else SiglipVisionConfig
-    config = cls.from_dict(data)
+    classes: dict[str, type[PretrainedConfig]] = {DINOV3: DINOv3ViTConfig, SIGLIP2: SiglipVisionConfig, VIT: ViTConfig}
+    config = classes[family].from_dict(data)
     config._attn_implementation = ATTN_IMPLEMENTATION
     return config
 
@@ -317,11 +389,13 @@ def load_member(backbone_id: str) -> MemberBackbone:
     random = random_member_id(backbone_id)
     if random is not None:
         family, seed = random
-        config = tiny_dinov3_config(**_TINY_TEST_SIZES) if family == DINOV3 else tiny_siglip2_config(**_TINY_TEST_SIZES)
-        return member_from_config(family, config, seed)
+        tiny: dict[str, Callable[..., PretrainedConfig]] = {
+            DINOV3: tiny_dinov3_config, SIGLIP2: tiny_siglip2_config, VIT: tiny_vit_config
+        }  # fmt: skip
+        return member_from_config(family, tiny[family](**_TINY_TEST_SIZES), seed)
     if backbone_id.startswith("random:"):
-        raise ValueError(f"{backbone_id!r}: random ids are 'random:dinov3-tiny' or 'random:siglip2-tiny[-seedN]'")
-    from transformers import AutoConfig, DINOv3ViTModel, SiglipVisionModel
+        raise ValueError(f"{backbone_id!r}: random ids are 'random:<dinov3|siglip2|vit>-tiny[-seedN]'")
+    from transformers import AutoConfig, DINOv3ViTModel, SiglipVisionModel, ViTModel
 
     model_type = AutoConfig.from_pretrained(backbone_id).model_type
     if model_type == "dinov3_vit":
@@ -329,12 +403,26 @@ def load_member(backbone_id: str) -> MemberBackbone:
     if model_type in ("siglip", "siglip_vision_model"):
         tower = SiglipVisionModel.from_pretrained(backbone_id, attn_implementation=ATTN_IMPLEMENTATION)
         return SiglipBackbone(tower).eval()
+    if model_type == "vit":  # a ViT classifier's encoder; its head is dropped (svd.engine.classifier keeps it)
+        vit = ViTModel.from_pretrained(backbone_id, attn_implementation=ATTN_IMPLEMENTATION, add_pooling_layer=False)
+        with_processor_stats(vit.config, backbone_id)
+        return ViTBackbone(vit).eval()
     # NaFlex SigLIP2 (model_type "siglip2") takes pre-patchified sequences with
     # per-image shapes and resizes position embeddings per image in a Python
     # loop: not a fixed-shape graph. The fixed-resolution checkpoints are.
     raise ValueError(
         f"{backbone_id}: model type {model_type!r} is not a supported backbone (DINOv3 ViT, SigLIP2 fixed-res)"
     )
+
+
+def with_processor_stats(config: PretrainedConfig, repo: str) -> None:
+    """Puts the repo's image processor's mean and std into the ViT config (ViTBackbone reads them there,
+    and they travel with the config into the engine's backbone_config.json)."""
+    from transformers import AutoImageProcessor
+
+    processor = AutoImageProcessor.from_pretrained(repo)
+    config.image_mean = [float(v) for v in processor.image_mean]
+    config.image_std = [float(v) for v in processor.image_std]
 
 
 def load_pretrained_backbone(model_id: str) -> Backbone:

@@ -164,7 +164,7 @@ class TrainRun:
         data = await asyncio.to_thread(assemble, source_specs(self.cfg), splits)
         self._report["data"] = counts = data.report()
         if len(data.train) < tc.min_images or not data.validation or not data.holdout:
-            self._end("skipped", f"too little labelled data: {counts} (train.min_images = {tc.min_images})")
+            self._end("skipped", too_little_data(counts, tc.min_images))
             return
         # The holdout is rendered as the chosen validators send images: the gate judges what pays.
         generations, mapping = parse_generation(tc.generation), self.engine.preprocess
@@ -270,6 +270,10 @@ class TrainRun:
         tc = self.tc
         gate = GateConfig(tc.min_gain_reward, tc.min_gain_mcc, tc.confidence, seed=tc.seed)
         verdict = await asyncio.to_thread(judge, cand, serv, holdout.labels, holdout.images, gate)
+        if not self.engine.manifest.head_trained:
+            # The engine's untrained head answers 0.5 to everything: the serving column is a constant
+            # predictor (MCC 0), so a first head is promoted only if it beats knowing nothing.
+            verdict.reasons.insert(0, "a first head, judged against a constant predictor (the untrained head)")
         self._holdout = {"labels": holdout.labels, "candidate": cand, "serving": serv}
         self.state.candidate = {k: verdict.candidate[k] for k in SUMMARY_METRICS}
         self.state.serving = {k: verdict.serving[k] for k in SUMMARY_METRICS}
@@ -333,6 +337,23 @@ class TrainRun:
                 lock.close()
         self._on_progress(s)
         log.info("train_run_finished", run_id=s.run_id, result=s.result, reason=s.reason, report=s.report)
+
+
+def too_little_data(counts: dict[str, Any], min_images: int) -> str:
+    """Why a run stopped before fitting, as a sentence an operator can act on."""
+    sources = counts.get("sources") or []
+    found = ", ".join(f"{s['name']} ({s['location']}: {s['rows']} rows)" for s in sources) or "none"
+    text = (
+        f"too little labelled data: {counts['train']} training, {counts['validation']} validation and "
+        f"{counts['holdout']} holdout images, and a run needs at least {min_images} training images "
+        f"(train.min_images) and some of each. Sources read: {found}."
+    )
+    if not sources:
+        text += (
+            " Add a [[train.sources]] to the config (svd demo-data DIR prints one; or the NATIX set: "
+            "hf download natix-network-org/roadwork --repo-type dataset), then svd reload."
+        )
+    return text
 
 
 def _served_features(view: ViewKey, backbone: str) -> np.ndarray | None:
