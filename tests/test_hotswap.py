@@ -158,7 +158,7 @@ async def test_rollback_and_pinned_swap(cfg: Config, jpegs_b64: list[str]) -> No
             await command(cfg, "rollback")
         engine = await command(cfg, "swap", name="mid")
         assert engine["name"] == "mid" and engine["pinned"] is True and engine["swaps"] == 3
-        with pytest.raises(RuntimeError, match="no engine 'nope'"):
+        with pytest.raises(RuntimeError, match=r"no engine 'nope' in .* \(engines there: mid, new, tiny\)"):
             await command(cfg, "swap", name="nope")
         # Pinned: a newer good engine is not swapped in. Events are handled in order,
         # so once the bad one after it is refused, the good one has been seen.
@@ -166,6 +166,10 @@ async def test_rollback_and_pinned_swap(cfg: Config, jpegs_b64: list[str]) -> No
         await asyncio.to_thread(copy_engine, tiny, cfg.engines_dir, "zz-bad", input=InputSpec(width=100))
         engine = await wait_for(cfg, refused("zz-bad"))
         assert engine["name"] == "mid" and engine["swaps"] == 3
+        assert (await query(d.port, miner, jpegs_b64[0]))[0] == 200
+        # Unpinned, it serves the newest (trained) engine on disk again, not only the next one to arrive.
+        engine = await command(cfg, "unpin")
+        assert engine["name"] == "newest" and engine["pinned"] is False and engine["swaps"] == 4
         assert (await query(d.port, miner, jpegs_b64[0]))[0] == 200
 
 

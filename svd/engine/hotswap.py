@@ -25,7 +25,7 @@ from watchfiles import Change, awatch
 
 from svd.config import EngineConfig
 from svd.control import CommandError
-from svd.engine.load import Engine, EngineError, list_engines, newest_engine
+from svd.engine.load import Engine, EngineError, list_engines
 from svd.engine.manifest import TEMP_PREFIX, Manifest, read_manifest, serving_rank, verify_engine_dir
 from svd.engine.serving import ServingEngine, prepare_engine
 from svd.engine.worker import EngineWorker
@@ -124,10 +124,16 @@ class HotSwap:
         self.pinned = False
         log.info("engine_unpinned", serving=self.serving.name)
         async with self._lock:
-            best = await asyncio.to_thread(newest_engine, self._dir)
-            if best is not None and best != self.serving.path and best not in self._refused:
-                await self._verify_and_swap(best)
+            ranked = await asyncio.to_thread(self._ranked)
+            for path in ranked:
+                if path == self.serving.path or await self._verify_and_swap(path):
+                    break  # the best engine that loads serves; a refused one is passed over
         return self.status()
+
+    def _ranked(self) -> list[Path]:
+        """Engines on disk best first (trained, newest), less those refused in this run."""
+        ranked = sorted(((r, p) for p in list_engines(self._dir) if (r := _safe_rank(p))), reverse=True)
+        return [p for _, p in ranked if p not in self._refused]
 
     async def offer(self, path: Path) -> bool:
         """A new directory appeared: serve it if it is good and newer than the serving one, unless pinned."""
