@@ -32,7 +32,17 @@ log = structlog.get_logger(__name__)
 Snapshot = Callable[[], dict[str, Any]]
 OWN_FIGURES = ("stake", "trust", "incentive", "emission")
 HOLDOUT_FIGURES = ("mcc", "accuracy", "reward_proxy", "auc")
-SAMPLE_COUNTERS = ("offered", "kept", "dropped_full", "dropped_closed", "dropped_errors", "written", "write_errors")
+# skipped_dev_key: answers not kept because they went to the development key (svd bench; samples.keep_dev_key).
+SAMPLE_COUNTERS = (
+    "offered",
+    "skipped_dev_key",
+    "kept",
+    "dropped_full",
+    "dropped_closed",
+    "dropped_errors",
+    "written",
+    "write_errors",
+)
 
 
 class _Collector:

@@ -357,3 +357,114 @@ def test_a_gpu_without_ort_cuda_provider_warns(
     assert checks["gpu"].status == "warn"
     assert checks["gpu"].detail.startswith("NVIDIA Test GPU: ONNX Runtime has no CUDA provider")
     assert "onnxruntime-gpu" in checks["gpu"].fix
+
+
+def test_no_training_source_warns_with_the_data_to_add(
+    tmp_path: Path, tiny_engine: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rc, checks = doctor(make_config(tmp_path, tiny_engine), capsys)  # [train] sources empty, no samples.db
+    assert rc == 0 and checks["train-data"].status == "warn"
+    assert checks["train-data"].detail == (
+        "no training source: [train] sources is empty and samples.db holds no labelled sample: "
+        "nightly runs end without training"
+    )
+    fix = checks["train-data"].fix
+    assert "svd demo-data DIR" in fix and "hf download natix-network-org/roadwork --repo-type dataset" in fix
+    assert '[[train.sources]]\nkind = "natix_parquet"\nrepo = "natix-network-org/roadwork"' in fix
+    # A fix of several lines prints each under the first.
+    assert run_doctor(argparse.Namespace(config=None, json=False), make_config(tmp_path, tiny_engine)) == 0
+    lines = capsys.readouterr().out.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("warn  train-data    no training source"))
+    assert lines[at + 1] == "      fix: add a data set as [[train.sources]], then svd reload:"
+    assert lines[at + 4 : at + 7] == [
+        " " * 11 + "[[train.sources]]",
+        " " * 11 + 'kind = "natix_parquet"',
+        " " * 11 + 'repo = "natix-network-org/roadwork"',
+    ]
+
+    _, checks = doctor(make_config(tmp_path, tiny_engine, train={"use_samples": False}), capsys)
+    assert checks["train-data"].status == "warn" and "train.use_samples = false" in checks["train-data"].detail
+    (tmp_path / "folder").mkdir()
+    sources = [{"kind": "image_folder", "path": "folder"}]
+    _, checks = doctor(make_config(tmp_path, tiny_engine, train={"sources": sources}), capsys)
+    assert checks["train-data"] == Check("train-data", "ok", "1 [[train.sources]], 0 labelled samples in samples.db")
+    _, checks = doctor(make_config(tmp_path, tiny_engine, train={"enabled": False}), capsys)
+    assert checks["train-data"] == Check("train-data", "ok", "off ([train] enabled = false)")
+
+
+def test_labelled_samples_are_a_training_source_once_there_are_enough(
+    tmp_path: Path, tiny_engine: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import sqlite3
+
+    from tests.test_samples_cli import fill
+
+    fill(tmp_path / "state" / "samples.db")  # 8 samples of 7 images; 3 images labelled
+    _, checks = doctor(make_config(tmp_path, tiny_engine, train={"min_images": 4}), capsys)
+    assert checks["train-data"].status == "warn"
+    assert "and samples.db holds 3 labelled samples, below train.min_images (4)" in checks["train-data"].detail
+    conn = sqlite3.connect(tmp_path / "state" / "samples.db")
+    conn.execute("UPDATE samples SET testnet_label = 1")
+    conn.commit()
+    conn.close()
+    _, checks = doctor(make_config(tmp_path, tiny_engine, train={"min_images": 4}), capsys)
+    assert checks["train-data"] == Check("train-data", "ok", "no [[train.sources]]; 7 labelled samples in samples.db")
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.0.2.10"])
+def test_the_development_key_allowlisted_on_a_public_address_warns(
+    tmp_path: Path, tiny_engine: Path, capsys: pytest.CaptureFixture[str], host: str
+) -> None:
+    from svd.config import DEV_HOTKEY
+
+    cfg = make_config(tmp_path, tiny_engine, server={"host": host, "port": free_port()})
+    assert DEV_HOTKEY in [c.hotkey for c in cfg.auth.allowlist]  # //Alice, the tests' validator
+    _, checks = doctor(cfg, capsys)
+    check = checks["allowlist"]
+    assert check.status == "warn"
+    assert check.detail.startswith(f"the development key {DEV_HOTKEY} (//Alice, what svd bench signs with)")
+    assert f"[server] host {host} listens beyond this machine" in check.detail
+    assert check.fix == (
+        f'remove its [[auth.allowlist]] entry (hotkey = "{DEV_HOTKEY}"), or set [server] host = "127.0.0.1"'
+    )
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1", "localhost"])
+def test_the_development_key_on_loopback_or_not_allowlisted_is_ok(
+    tmp_path: Path, tiny_engine: Path, capsys: pytest.CaptureFixture[str], host: str
+) -> None:
+    _, checks = doctor(make_config(tmp_path, tiny_engine, server={"host": host, "port": free_port()}), capsys)
+    assert checks["allowlist"] == Check(
+        "allowlist", "ok", f"the development key (//Alice, svd bench's) is allowlisted; {host} serves this machine only"
+    )
+    bob = Keypair.create_from_uri("//Bob").ss58_address
+    public = make_config(tmp_path, tiny_engine, server={"host": "0.0.0.0", "port": free_port()})
+    public = dataclasses.replace(public, auth=dataclasses.replace(public.auth, allowlist=public.auth.allowlist[1:]))
+    assert [c.hotkey for c in public.auth.allowlist] == [bob]
+    _, checks = doctor(public, capsys)
+    assert checks["allowlist"] == Check("allowlist", "ok", "1 allowlisted callers, no development key")
+
+
+def test_online_mode_has_no_allowlist_line(
+    tmp_path: Path, tiny_engine: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = online_config(tmp_path, tiny_engine)
+    online = dataclasses.replace(cfg, server=dataclasses.replace(cfg.server, host="0.0.0.0"))
+    _, checks = doctor(online, capsys, chain=FakeChain([miner()]))
+    assert "allowlist" not in checks and checks["chain"].status == "ok"
+
+
+def test_the_command_and_the_checks_do_not_import_each_other() -> None:
+    import subprocess
+    import sys
+
+    from svd.tools import doctor, doctor_verdict
+
+    assert doctor.Check is doctor_verdict.Check
+    probe = (
+        "import sys, svd.tools.doctor_checks; assert 'svd.tools.doctor' not in sys.modules, 'checks import command'\n"
+        "del sys.modules['svd.tools.doctor_checks']\n"
+        "import svd.tools.doctor; assert 'svd.tools.doctor_checks' not in sys.modules, 'command imports checks'\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr

@@ -66,7 +66,7 @@ async def test_metrics_under_load_match_svd_status(tmp_path: Path, tiny_engine: 
     assert value(m, "svd_engine_info", name="tiny", backend="onnx") == 1
     assert value(m, "svd_engine_swaps_total") == status["engine"]["swaps"]
     samples = status["samples"]
-    for outcome in ("offered", "kept", "written"):
+    for outcome in ("offered", "skipped_dev_key", "kept", "written"):
         assert value(m, "svd_samples_total", outcome=outcome) == samples[outcome]
     assert value(m, "svd_samples_stored") == samples["stored"]
     assert value(m, "svd_train_paused") == 0 and value(m, "svd_train_running") == 0

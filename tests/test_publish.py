@@ -177,8 +177,10 @@ async def test_cli_publishes_then_republishes_with_the_backbone(
     assert fake.commits == ["svd publish roadwork-a v1.2.0"] * 2
     lines = user_lines(out.out)
     assert lines[0] == "engine roadwork-a (--engine)"
-    assert lines[1] == f"published manifest.json, head.safetensors, model_card.json to {fake.url}/{REPO}"
-    assert lines[2] == f'set server.model_url = "{fake.url}/{REPO}" in the config, then run `svd register {REPO}`'
+    wallet_file = tmp_path / "wallets" / "miner" / "hotkeys" / "default"
+    assert lines[1] == f"hotkey {MINER.ss58_address} ({wallet_file}, the one svd run serves with)"
+    assert lines[2] == f"published manifest.json, head.safetensors, model_card.json to {fake.url}/{REPO}"
+    assert lines[3] == f'set server.model_url = "{fake.url}/{REPO}" in the config, then run `svd register {REPO}`'
 
 
 def test_dry_run_writes_the_exact_folder_and_sends_nothing(

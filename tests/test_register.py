@@ -224,7 +224,9 @@ async def test_cli_registers_with_the_wallet_hotkey(tmp_path: Path, capsys: pyte
         args = cli_args("--uid", str(UID), "--base-url", url + "/", "--poll-interval", "0.01")
         assert await asyncio.to_thread(run_register, args, cfg) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[0] == f"registering uid {UID}, hotkey {MINER.ss58_address}, model {REPO} with {url}"
+    wallet_file = tmp_path / "wallets" / "miner" / "hotkeys" / "default"
+    assert out[0] == f"hotkey {MINER.ss58_address} ({wallet_file}, the one svd run serves with)"
+    assert out[1] == f"registering uid {UID}, hotkey {MINER.ss58_address}, model {REPO} with {url}"
     assert out[-1] == f"registration succeeded for uid {UID}"
     assert natix.received[0]["natix_public_key"] == MINER.ss58_address
 
@@ -293,6 +295,9 @@ def test_cli_usage_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str], ar
 
 
 def test_cli_refuses_a_missing_hotkey(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    cfg = config_from_dict({"wallet": {"path": str(tmp_path / "none")}}, base_dir=tmp_path)
+    # Online, as the daemon would, register never falls back to a generated key.
+    data = {"wallet": {"path": str(tmp_path / "none")}, "auth": {"mode": "online"}}
+    cfg = config_from_dict(data, base_dir=tmp_path)
     assert run_register(cli_args(REPO, "--uid", "1"), cfg) == 1
     assert "does not exist: create it with `btcli wallet new_hotkey" in capsys.readouterr().err
+    assert not (cfg.state_dir / "wallets").exists()

@@ -186,3 +186,89 @@ def test_export_skips_a_row_whose_hash_or_format_could_name_another_path(
     assert not list(tmp_path.rglob("escaped*"))
     index = [json.loads(line) for line in (out / "index.jsonl").read_text().splitlines()]
     assert not {"evil-sha", "evil-fmt"} & {r["uid"] for r in index}
+
+
+def empty_db(tmp_path: Path, **samples: object) -> Path:
+    """A config file (samples keys as given) and an empty samples.db, as a fresh daemon leaves it."""
+    from svd.samples.db import connect
+
+    path = tmp_path / "svd.toml"
+    tmp_path.mkdir(exist_ok=True)
+    path.write_text("[samples]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in samples.items()))
+    (tmp_path / "state").mkdir()
+    connect(tmp_path / "state" / "samples.db").close()
+    return path
+
+
+def test_no_sample_without_a_daemon_says_what_the_config_keeps(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = empty_db(tmp_path, band_low=0.4, band_high=0.6, random_rate=0.05)
+    assert main(["--config", str(cfg), "samples"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[:2] == ["no samples stored", "why none:"]
+    assert lines[2].startswith(f"  no daemon answers on {tmp_path / 'state' / 'svd.sock'}: it counts why")
+    assert lines[3:] == [
+        "  answers to the development key (//Alice, what svd bench signs with) are never kept"
+        " ([samples] keep_dev_key = false)",
+        "  confident answers (outside the band 0.4..0.6) are kept only at [samples] random_rate 0.05,"
+        " unless they carry a testnet label",
+    ]
+    assert main(["--config", str(empty_db(tmp_path / "kept", keep_dev_key=True)), "samples"]) == 0
+    assert "development key" not in capsys.readouterr().out
+
+
+def test_samples_off_is_the_reason_with_or_without_a_database(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = empty_db(tmp_path, enabled=False)
+    assert main(["--config", str(cfg), "samples", "--json"]) == 0
+    why = json.loads(capsys.readouterr().out)["why"]
+    assert why == [
+        "samples are off ([samples] enabled = false): svd keeps no answer; set [samples] enabled = true and restart svd"
+    ]
+    for name in ("samples.db", "samples.db-wal", "samples.db-shm"):
+        (tmp_path / "state" / name).unlink(missing_ok=True)
+    assert main(["--config", str(cfg), "samples"]) == 1
+    assert "svd samples: samples are off ([samples] enabled = false)" in capsys.readouterr().err
+
+
+def test_many_samples_need_no_reason(cfg_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg_path.write_text(cfg_path.read_text() + "[train]\nmin_images = 8\n")  # the fixture stored 8
+    assert main(["--config", str(cfg_path), "samples", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["why"] == []
+    cfg_path.write_text(cfg_path.read_text().replace("min_images = 8", "min_images = 9"))
+    assert main(["--config", str(cfg_path), "samples"]) == 0
+    assert "why only 8:\n  no daemon answers on" in capsys.readouterr().out
+
+
+def test_the_daemons_counters_name_each_reason() -> None:
+    from svd.config import config_from_dict
+    from svd.samples.cli import why_few
+
+    cfg = config_from_dict({"samples": {"band_low": 0.45, "band_high": 0.55, "random_rate": 0.0}})
+    counted = {
+        "enabled": True,
+        "offered": 10,
+        "skipped_dev_key": 2,
+        "kept": 5,
+        "dropped_full": 4,
+        "dropped_errors": 1,
+        "last_error": "OSError: disk full",
+        "errored": None,
+    }
+    assert why_few(cfg, counted) == [
+        "2 of its 10 answers went to the development key (//Alice, what svd bench signs with):"
+        " never kept unless [samples] keep_dev_key = true",
+        "3 of its 10 answers were not kept: confident answers (outside the band 0.45..0.55) are kept only at"
+        " [samples] random_rate 0, unless they carry a testnet label",
+        "4 kept answers dropped with the queue full ([samples] queue_max, queue_max_bytes)",
+        "1 kept answers lost to write errors (last: OSError: disk full)",
+    ]
+    assert why_few(cfg, {"enabled": True, "offered": 0}) == [
+        "the running daemon has answered no query since it started: there was nothing to keep"
+    ]
+    assert why_few(cfg, {"enabled": False}) == [
+        "samples are off (the running daemon started with them off): svd keeps no answer;"
+        " set [samples] enabled = true and restart svd"
+    ]

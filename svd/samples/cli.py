@@ -1,7 +1,10 @@
 """`svd samples`: what the uncertain-sample log holds, and export of a selection to a folder.
 
 Reads the database file directly, read-only, so it works whether the daemon
-runs or not (WAL lets readers and the one writer work at once).
+runs or not (WAL lets readers and the one writer work at once). When it holds
+no sample, or fewer than a training run needs, it says why: from the running
+daemon's counters since its start (answers to the development key, confident
+answers not drawn at random, drops), or without a daemon from the config.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from svd.config import Config, SamplesConfig
+from svd.control import call
 from svd.samples.db import (
     IMAGE_SUFFIXES,
     LABEL_SQL,
@@ -60,6 +64,8 @@ _INDEX_FIELDS = (
     "backbone_sha256",
     "feature_dim",
 )
+STATUS_TIMEOUT_S = 2.0
+DEV_KEY = "the development key (//Alice, what svd bench signs with)"
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -194,6 +200,9 @@ def run_samples(args: argparse.Namespace, cfg: Config) -> int:
         conn = connect_readonly(cfg.samples_db)
     except DatabaseError as e:
         print(f"svd samples: {e}", file=sys.stderr)
+        if not cfg.samples_db.exists():
+            off = "samples are off ([samples] enabled = false)"
+            print(f"svd samples: {off if not cfg.samples.enabled else 'svd run creates it at start'}", file=sys.stderr)
         return 1
     try:
         if args.action == "export":
@@ -213,14 +222,96 @@ def run_samples(args: argparse.Namespace, cfg: Config) -> int:
                     file=sys.stderr,
                 )
             return 0
-        c = counts(conn, cfg.samples.band_low, cfg.samples.band_high)
-        print(json.dumps(c, indent=2) if args.json else render(c, cfg.samples))
+        _print_counts(conn, cfg, as_json=args.json)
         return 0
     except sqlite3.Error as e:
         print(f"svd samples: {cfg.samples_db}: {e}", file=sys.stderr)
         return 1
     finally:
         conn.close()
+
+
+def _print_counts(conn: sqlite3.Connection, cfg: Config, as_json: bool) -> None:
+    """The counts, the running daemon's counters, and below train.min_images samples why there are so few."""
+    c = counts(conn, cfg.samples.band_low, cfg.samples.band_high)
+    running = daemon_samples(cfg)
+    why = why_few(cfg, running) if c["samples"] < cfg.train.min_images else []
+    if as_json:
+        print(json.dumps({**c, "daemon": running, "why": why}, indent=2))
+    else:
+        print("\n".join([render(c, cfg.samples), *_since_start(running), *_why_lines(c["samples"], why)]))
+
+
+def daemon_samples(cfg: Config) -> dict[str, Any] | None:
+    """The running daemon's sample counters since its start (SampleLog.status()), or None when none answers."""
+    if not cfg.socket_path.exists():
+        return None
+    try:
+        status = call(cfg.socket_path, "status", timeout=STATUS_TIMEOUT_S)
+    except (OSError, RuntimeError, ValueError):  # a stale socket, or no svd behind it
+        return None
+    samples = status.get("samples") if isinstance(status, dict) else None
+    return samples if isinstance(samples, dict) else None
+
+
+def why_few(cfg: Config, running: dict[str, Any] | None) -> list[str]:
+    """Why samples.db holds no or few samples, most telling first, one sentence each.
+
+    Args:
+        cfg: the configuration (the [samples] policy; the daemon's socket).
+        running: the running daemon's counters (daemon_samples()); None: said from the config alone.
+    """
+    s = cfg.samples
+    policy = (
+        f"confident answers (outside the band {s.band_low}..{s.band_high}) are kept only at [samples] random_rate "
+        f"{s.random_rate:g}, unless they carry a testnet label"
+    )
+    # The running daemon's word wins: `enabled` takes effect only at a restart.
+    if not (s.enabled if running is None else running.get("enabled")):
+        where = "[samples] enabled = false" if running is None else "the running daemon started with them off"
+        return [f"samples are off ({where}): svd keeps no answer; set [samples] enabled = true and restart svd"]
+    if running is None:
+        reasons = [f"no daemon answers on {cfg.socket_path}: it counts why answers were not kept since its start"]
+        if not s.keep_dev_key:
+            reasons.append(f"answers to {DEV_KEY} are never kept ([samples] keep_dev_key = false)")
+        return [*reasons, policy]
+    return _counted_reasons(running, s, policy)
+
+
+def _counted_reasons(c: dict[str, Any], s: SamplesConfig, policy: str) -> list[str]:
+    offered, dev, kept = (int(c.get(k) or 0) for k in ("offered", "skipped_dev_key", "kept"))
+    if not offered:
+        return ["the running daemon has answered no query since it started: there was nothing to keep"]
+    reasons = []
+    if dev:
+        reasons.append(
+            f"{dev} of its {offered} answers went to {DEV_KEY}: never kept unless [samples] keep_dev_key = true"
+        )
+    if confident := offered - dev - kept:
+        reasons.append(f"{confident} of its {offered} answers were not kept: {policy}")
+    drops = {
+        "dropped_full": "dropped with the queue full ([samples] queue_max, queue_max_bytes)",
+        "dropped_errors": f"lost to write errors (last: {c.get('last_error')})",
+        "dropped_closed": "offered while svd shut down",
+        "retention_deleted": "deleted by retention ([samples] max_samples, max_bytes)",
+    }
+    reasons += [f"{c[k]} kept answers {what}" for k, what in drops.items() if c.get(k)]
+    if c.get("errored"):
+        reasons.append(f"the sample writer stopped ({c['errored']}): nothing is written until svd restarts")
+    return reasons or [f"it kept {kept} of its {offered} answers; {policy}"]
+
+
+def _since_start(running: dict[str, Any] | None) -> list[str]:
+    if running is None or not running.get("enabled"):
+        return []
+    keys = ("offered", "skipped_dev_key", "kept", "written", "queued", "dropped_full", "dropped_errors")
+    return [f"daemon   since its start: {_pairs({k: int(running.get(k) or 0) for k in keys})}"]
+
+
+def _why_lines(stored: int, why: list[str]) -> list[str]:
+    if not why:
+        return []
+    return ["why none:" if not stored else f"why only {stored}:", *(f"  {reason}" for reason in why)]
 
 
 def _iso(ts: float | None) -> str | None:

@@ -3,32 +3,25 @@
 This module is the command (arguments, output); the checks are in
 svd/tools/doctor_checks.py, imported when the command runs, since they load
 the engine's libraries and every `svd` command parses this module's arguments.
+Both take the Check line from svd/tools/doctor_verdict.py, so neither imports
+the other at load time.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from svd.config import Config, ConfigError, config_file
+from svd.tools.doctor_verdict import Check
 
 if TYPE_CHECKING:
     from svd.serve.chain import ChainSource
 
 STATUS_WIDTH, NAME_WIDTH = 6, 14
-
-
-@dataclass(frozen=True)
-class Check:
-    """One line of `svd doctor`: status "ok", "warn" or "fail"; fix says what to do (empty for ok)."""
-
-    name: str
-    status: str
-    detail: str
-    fix: str = ""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -6,7 +6,7 @@ fail line, so one broken check never hides the others. Checks only read: the
 one write is the temporary file that proves the state dir writable. The
 chain, the one slow edge, comes in as a ChainSource that tests replace.
 
-A little over the ~400 lines the style asks for, on purpose: the checks stand
+Over the ~400 lines the style asks for, on purpose: the checks stand
 in the order doctor prints them, so a reader finds a line's check by reading
 down; split by topic, that order would live in a third place.
 """
@@ -19,6 +19,7 @@ import ipaddress
 import logging
 import shutil
 import socket
+import sqlite3
 import sys
 import tempfile
 import time
@@ -28,7 +29,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from importlib.util import find_spec
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import structlog
 
@@ -38,11 +39,11 @@ from svd.engine.backends.select import choose_backend
 from svd.engine.load import newest_engine
 from svd.engine.manifest import EngineError, Manifest, verify_engine_dir
 from svd.engine.serving import engine_to_serve
-from svd.samples.db import DatabaseError, connect_readonly, schema_version
+from svd.samples.db import LABEL_SQL, DatabaseError, connect_readonly, schema_version
 from svd.serve.chain import Bittensor11Source, ChainError, ChainSnapshot, ChainSource, Neuron
 from svd.serve.wallet import WalletError, hotkey_wallets, load_hotkey
 from svd.status import last_query, quiet_s
-from svd.tools.doctor import Check
+from svd.tools.doctor_verdict import Check, Verdict, fail, ok, warn
 from svd.validators import ValidatorLog
 
 GB = 1_000_000_000
@@ -52,27 +53,10 @@ CHAIN_TIMEOUT_S = 10.0
 STATUS_TIMEOUT_S = 2.0
 TRAIN_MODULES = ("albumentations", "matplotlib", "tqdm", "pyarrow")
 GATED_BACKBONES = ("facebook/dinov3-",)
+NATIX_DATASET = "natix-network-org/roadwork"
 # adjtimex(2) on a zeroed struct timex (modes 0) only reads; TIME_ERROR: the clock is not disciplined.
 TIMEX_BYTES = 512
 TIME_ERROR = 5
-
-
-class Verdict(NamedTuple):
-    status: str
-    detail: str
-    fix: str = ""
-
-
-def ok(detail: str) -> Verdict:
-    return Verdict("ok", detail)
-
-
-def warn(detail: str, fix: str) -> Verdict:
-    return Verdict("warn", detail, fix)
-
-
-def fail(detail: str, fix: str) -> Verdict:
-    return Verdict("fail", detail, fix)
 
 
 @dataclass
@@ -277,6 +261,35 @@ def _offline(p: _Probe) -> Verdict:
     return ok("offline mode (auth.mode), chain not used")
 
 
+def _allowlist(p: _Probe) -> Verdict:
+    callers, host = p.cfg.auth.allowlist, p.cfg.server.host
+    dev = next((c for c in callers if c.hotkey == DEV_HOTKEY), None)
+    if dev is None:
+        return ok(f"{len(callers)} allowlisted callers, no development key")
+    if not _listens_beyond_loopback(host):
+        return ok(f"the development key (//Alice, svd bench's) is allowlisted; {host} serves this machine only")
+    return warn(
+        f"the development key {DEV_HOTKEY} (//Alice, what svd bench signs with) is allowlisted with stake "
+        f"{dev.stake:g} while [server] host {host or '(all addresses)'} listens beyond this machine: its private "
+        "key is public, so anyone who reaches the port can query and be trusted as a validator",
+        f'remove its [[auth.allowlist]] entry (hotkey = "{DEV_HOTKEY}"), or set [server] host = "127.0.0.1"',
+    )
+
+
+def _listens_beyond_loopback(host: str) -> bool:
+    """Whether [server] host takes connections from other machines: all addresses (0.0.0.0, ::) or another IP."""
+    if host == "localhost":
+        return False
+    try:
+        addresses = {ipaddress.ip_address(host)} if host else set()
+    except ValueError:  # a host name: what it resolves to
+        try:
+            addresses = {ipaddress.ip_address(info[4][0]) for info in socket.getaddrinfo(host, None)}
+        except (OSError, ValueError):
+            return False  # svd run cannot bind it either; the port line says so
+    return not addresses or any(not a.is_loopback for a in addresses)
+
+
 def _advertise(p: _Probe) -> Verdict:
     ip, fix = p.cfg.chain.advertise_ip, 'set [chain] advertise_ip = "<your public IP>" (and advertise_port)'
     if not ip:
@@ -426,6 +439,48 @@ def _train(p: _Probe) -> Verdict:
     return ok(f"enabled ({t.schedule}), {len(t.sources)} sources, the train extra installed")
 
 
+def _train_data(p: _Probe) -> Verdict:
+    t = p.cfg.train
+    if not t.enabled:
+        return ok("off ([train] enabled = false)")
+    labelled = _labelled_samples(p.cfg.samples_db) if t.use_samples else 0
+    from_samples = f"{labelled} labelled samples in samples.db" if t.use_samples else "train.use_samples = false"
+    if t.sources:
+        return ok(f"{len(t.sources)} [[train.sources]], {from_samples}")
+    if labelled >= t.min_images:
+        return ok(f"no [[train.sources]]; {from_samples}")
+    if not t.use_samples:
+        held = from_samples
+    elif labelled:
+        held = f"samples.db holds {labelled} labelled samples, below train.min_images ({t.min_images})"
+    else:
+        held = "samples.db holds no labelled sample"
+    return warn(
+        f"no training source: [train] sources is empty and {held}: nightly runs end without training",
+        "add a data set as [[train.sources]], then svd reload:\n"
+        "generated street scenes: svd demo-data DIR prints the [[train.sources]] lines to add;\n"
+        f"the NATIX set: hf download {NATIX_DATASET} --repo-type dataset, then add\n"
+        f'[[train.sources]]\nkind = "natix_parquet"\nrepo = "{NATIX_DATASET}"',
+    )
+
+
+def _labelled_samples(path: Path) -> int:
+    """Images with a label (reviewed, or testnet ground truth) in samples.db, as training counts them."""
+    if not path.is_file():
+        return 0
+    try:
+        conn = connect_readonly(path)
+    except DatabaseError:  # the samples line says what is wrong with it
+        return 0
+    try:
+        sql = f"SELECT count(DISTINCT image_sha256) FROM samples WHERE {LABEL_SQL} IS NOT NULL"
+        return int(conn.execute(sql).fetchone()[0])
+    except sqlite3.Error:
+        return 0
+    finally:
+        conn.close()
+
+
 def _hub_repos(p: _Probe) -> tuple[list[str], list[str]]:
     datasets = [s.repo for s in p.cfg.train.sources if s.repo] if p.cfg.train.enabled else []
     ids = p.manifest.backbone_ids if p.manifest is not None else ()
@@ -478,7 +533,7 @@ LOCAL_CHECKS: tuple[tuple[str, CheckFn], ...] = (
     ("backend", _backend),
     ("gpu", _gpu),
 )
-OFFLINE_CHECKS: tuple[tuple[str, CheckFn], ...] = (("chain", _offline),)
+OFFLINE_CHECKS: tuple[tuple[str, CheckFn], ...] = (("chain", _offline), ("allowlist", _allowlist))
 ONLINE_CHECKS: tuple[tuple[str, CheckFn], ...] = (
     ("advertise", _advertise),
     ("bittensor", _bittensor),
@@ -491,6 +546,7 @@ QUERY_CHECKS: tuple[tuple[str, CheckFn], ...] = (("validators", _validators),)
 DATA_CHECKS: tuple[tuple[str, CheckFn], ...] = (
     ("samples", _samples),
     ("train", _train),
+    ("train-data", _train_data),
     ("hf-token", _hf_token),
     ("hf-cache", _hf_cache),
 )

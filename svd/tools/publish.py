@@ -273,7 +273,7 @@ def run_publish(args: argparse.Namespace, cfg: Config) -> int:
 
     Args:
         args: parsed by a parser that add_arguments() filled.
-        cfg: the configuration (wallet, state_dir, engines_dir, socket_path).
+        cfg: the configuration (wallet, auth.mode and state_dir: the daemon's hotkey; engines_dir, socket_path).
     """
     try:
         repo_id = parse_repo_id(args.repo)
@@ -312,14 +312,39 @@ def _dry_run(dest: Path, files: Mapping[str, Path], card: ModelCard) -> int:
     return 0
 
 
-def _hotkey(cfg: Config) -> Keypair:
-    from svd.serve.wallet import WalletError, load_hotkey
+def serving_hotkey(cfg: Config) -> tuple[Keypair, str]:
+    """The hotkey `svd run` serves with under `cfg`, and a line naming it and its file.
 
-    # The card must name the chain hotkey, so never fall back to a generated offline key.
+    The daemon's own call (svd/daemon.py), so the same config gives the same
+    key: the [wallet] hotkey, or offline, when that file does not exist, the
+    one generated under state/wallets/ (made now if `svd run` has not yet).
+
+    Raises:
+        svd.serve.wallet.WalletError: the hotkey cannot be loaded (the message names the file).
+    """
+    from svd.serve.wallet import OFFLINE_WALLET, hotkey_wallets, load_hotkey
+
+    offline = cfg.auth.mode == "offline"
+    keypair = load_hotkey(cfg.wallet, cfg.state_dir, offline=offline)
+    named, generated = (w.hotkey_file for w in hotkey_wallets(cfg.wallet, cfg.state_dir))
+    if named.exists_on_device():
+        return keypair, f"hotkey {keypair.ss58_address} ({named.path}, the one svd run serves with)"
+    return keypair, (
+        f"hotkey {keypair.ss58_address} ({generated.path}, the {OFFLINE_WALLET} key svd makes for offline mode, "
+        "the one svd run serves with; no chain knows it: to mine, set [wallet] to your registered hotkey and "
+        '[auth] mode = "online")'
+    )
+
+
+def _hotkey(cfg: Config) -> Keypair:
+    from svd.serve.wallet import WalletError
+
     try:
-        return load_hotkey(cfg.wallet, cfg.state_dir, offline=False)
+        keypair, line = serving_hotkey(cfg)
     except WalletError as e:
         raise PublishError(str(e)) from e
+    print(line)
+    return keypair
 
 
 def _token() -> str:

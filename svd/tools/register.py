@@ -25,7 +25,7 @@ import aiohttp
 import structlog
 
 from svd.config import Config
-from svd.tools.publish import PublishError, parse_repo_id
+from svd.tools.publish import PublishError, parse_repo_id, serving_hotkey
 
 if TYPE_CHECKING:
     from bittensor_wallet import Keypair
@@ -278,7 +278,7 @@ def run_register(args: argparse.Namespace, cfg: Config) -> int:
 
     Args:
         args: parsed by a parser that add_arguments() filled.
-        cfg: the configuration (wallet, state_dir, socket_path, server.model_url).
+        cfg: the configuration (wallet, auth.mode and state_dir: the daemon's hotkey; socket_path, server.model_url).
     """
     try:
         repo = _checked_args(args, cfg)
@@ -329,10 +329,14 @@ def _checked_args(args: argparse.Namespace, cfg: Config) -> str:
 
 
 def _hotkey(cfg: Config) -> Keypair:
-    from svd.serve.wallet import WalletError, load_hotkey
+    from svd.serve.wallet import WalletError
 
-    # NATIX checks the signature against the uid's chain hotkey: never a generated offline key.
+    # The key the daemon serves with (the same call on the same config): NATIX checks the signature
+    # against the uid's chain hotkey, which is the one the miner serves with, and uid_from_daemon
+    # compares against it.
     try:
-        return load_hotkey(cfg.wallet, cfg.state_dir, offline=False)
+        keypair, line = serving_hotkey(cfg)
     except WalletError as e:
         raise RegisterError(str(e)) from e
+    print(line)
+    return keypair
