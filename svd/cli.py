@@ -1,4 +1,4 @@
-"""`svd run|status|swap|rollback|unpin|build-engine|train|demo-data|samples|review|publish|register|doctor|bench|...`.
+"""`svd run|status|reload|swap|rollback|unpin|build-engine|train|demo-data|samples|review|publish|register|doctor|...`.
 
 The only place that exits the process."""
 
@@ -13,7 +13,7 @@ from typing import Any
 
 import structlog
 
-from svd.config import Config, ConfigError, config_file, load_config
+from svd.config import Config, ConfigError, config_file, fallback_config, load_config
 from svd.logs import setup_logging
 
 log = structlog.get_logger(__name__)
@@ -43,6 +43,11 @@ def main(argv: list[str] | None = None) -> int:
 
         if args.func is run_doctor:
             return doctor_config_error(args.config, e, as_json=args.json)
+        if args.func is _reload and args.config_path is not None:  # the daemon says what is wrong, and logs it
+            return _reload(args, fallback_config(args.config_path))
+        if args.func is _status and args.config_path is not None:  # a bad edit must not hide a running daemon
+            print(f"svd: {args.config_path} does not load ({e}); asking the daemon anyway", file=sys.stderr)
+            return _status(args, fallback_config(args.config_path))
         print(f"svd: invalid configuration: {e}", file=sys.stderr)
         return 2
     result: int = args.func(args, cfg)
@@ -88,6 +93,9 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="print the raw snapshot as JSON")
     status.set_defaults(func=_status)
 
+    reload = sub.add_parser("reload", help="re-read the running daemon's config file, as SIGHUP does")
+    reload.set_defaults(func=_reload)
+
     swap = sub.add_parser("swap", help="serve engines/NAME now and pin it (no automatic swaps)")
     swap.add_argument("name", help="engine directory name in engines/")
     swap.set_defaults(func=_swap)
@@ -101,7 +109,18 @@ def _parser() -> argparse.ArgumentParser:
     build = sub.add_parser("build-engine", help="build an engine directory into engines/")
     build.add_argument("--demo", action="store_true", help="tiny random DINOv3 backbone and head (no download)")
     build.add_argument("--ensemble", action="store_true", help="with --demo: tiny DINOv3 + tiny SigLIP2 ensemble")
-    build.add_argument("--head", type=Path, help="trained head.safetensors (one member MLP per --backbone)")
+    build.add_argument(
+        "--head",
+        type=Path,
+        help="trained head.safetensors (one member MLP per --backbone); without it the engine's head is "
+        "untrained (answers 0.5) until a training run gives it one",
+    )
+    build.add_argument(
+        "--classifier",
+        metavar="REPO",
+        help="import a ViT image classifier (hub id or folder), e.g. natix-network-org/roadwork, as an engine",
+    )
+    build.add_argument("--positive-label", default=None, help="with --classifier: the roadwork label's name")
     build.add_argument(
         "--backbone",
         action="append",
@@ -145,7 +164,7 @@ def _run(args: argparse.Namespace, cfg: Config) -> int:
             hint=f"no --config and no ./config.toml: running on the built-in defaults with state in {cfg.state_dir}",
         )
     try:
-        return Daemon(cfg).run()
+        return Daemon(cfg, config_path=args.config_path).run()
     except (StartupError, WalletError, EngineError, OSError) as e:
         log.error("startup_failed", error=str(e))
         return 1
@@ -170,6 +189,24 @@ def _status(args: argparse.Namespace, cfg: Config) -> int:
             )
         return 1
     print(json.dumps(snapshot, indent=2) if args.json else render_table(snapshot))
+    return 0
+
+
+def _reload(args: argparse.Namespace, cfg: Config) -> int:
+    from svd.control import call
+
+    try:
+        done = call(cfg.socket_path, "reload")
+    except RuntimeError as e:
+        print(f"svd: reload refused: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"svd: no daemon answers on {cfg.socket_path}: {e}", file=sys.stderr)
+        return 1
+    applied, restart = done["applied"], done["restart_needed"]
+    print(f"reloaded {done['path']}: " + (f"applied {', '.join(applied)}" if applied else "no live key changed"))
+    if restart:
+        print(f"not applied, needs a restart (systemctl restart svd): {', '.join(restart)}")
     return 0
 
 
@@ -202,11 +239,19 @@ def _engine_command(cfg: Config, cmd: str, **request: str) -> int:
 
 
 def _build_engine(args: argparse.Namespace, cfg: Config) -> int:
-    if args.demo == bool(args.head or args.backbone):
-        print("svd: build-engine needs either --demo, or --head CKPT with --backbone ID ...", file=sys.stderr)
+    modes = [m for m, given in (("--demo", args.demo), ("--classifier", args.classifier), ("--backbone", args.backbone))
+             if given]  # fmt: skip
+    if len(modes) != 1:
+        print(
+            "svd: build-engine needs one of --demo, --classifier REPO, or --backbone ID ... [--head CKPT]",
+            file=sys.stderr,
+        )
         return 2
-    if not args.demo and not (args.head and args.backbone and args.name):
-        print("svd: build-engine needs --head CKPT, at least one --backbone ID and --name NAME", file=sys.stderr)
+    if args.head and not args.backbone:
+        print("svd: --head goes with --backbone ID ...", file=sys.stderr)
+        return 2
+    if not args.demo and not args.name:
+        print(f"svd: build-engine {modes[0]} needs --name NAME", file=sys.stderr)
         return 2
     if args.ensemble and not args.demo:
         print("svd: --ensemble is for --demo; pass one --backbone per member instead", file=sys.stderr)
@@ -223,6 +268,7 @@ def _build_engine(args: argparse.Namespace, cfg: Config) -> int:
         return 2
     try:
         from svd.engine.build import build_demo_engine, build_engine
+        from svd.engine.classifier import import_classifier
         from svd.engine.manifest import EngineError
     except ImportError as e:  # torch export tooling is the `build` extra
         print(f"svd: build-engine needs the build extra (pip install 'svd[build]'): {e}", file=sys.stderr)
@@ -238,6 +284,15 @@ def _build_engine(args: argparse.Namespace, cfg: Config) -> int:
                 threshold=args.threshold,
                 version=args.version,
                 preprocess=preprocess,
+            )
+        elif args.classifier:  # its image processor's mapping, not --mapping
+            path = import_classifier(
+                args.classifier,
+                cfg.engines_dir,
+                args.name,
+                positive_label=args.positive_label,
+                version=args.version,
+                plan_max_batch=cfg.batcher.max_batch,
             )
         else:
             path = build_engine(

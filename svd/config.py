@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import hashlib
 import ipaddress
 import math
 import tomllib
@@ -525,6 +526,100 @@ def load_config(path: Path | None) -> Config:
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config file {path} is not valid TOML: {e}") from e
     return config_from_dict(data, base_dir=path.resolve().parent)
+
+
+# The keys a running daemon takes on at `svd reload` or SIGHUP; a section's name stands for all its keys.
+# A change to any other key is named as needing a restart and is not applied: it sizes or opens something
+# at start (ports, thread pools, queues, the engine, the wallet, the chain, files). [train] is read when a
+# run starts; [samples] by the sample log at each offer, flush and retention pass, except whether it is on
+# and where its database is; [auth] by each request's checks, except the mode (allowlist or chain) and the
+# nonce window (the replay ledger has forgotten nonces older than the window it had: widened at once, it
+# would let them replay); the log setup is redone; [register] only `svd register` reads, never the daemon.
+LIVE_KEYS = frozenset(
+    {
+        "train",
+        "register",
+        "auth.require_registered",
+        "auth.require_validator_permit",
+        "auth.min_stake",
+        "auth.rate_per_s",
+        "auth.rate_burst",
+        "auth.allowlist",
+        "samples.band_low",
+        "samples.band_high",
+        "samples.random_rate",
+        "samples.keep_dev_key",
+        "samples.queue_max",
+        "samples.queue_max_bytes",
+        "samples.batch_max",
+        "samples.flush_interval_s",
+        "samples.max_samples",
+        "samples.max_bytes",
+        "samples.retention_deletes_reviewed",
+        "daemon.log_level",
+        "daemon.log_format",
+        "daemon.no_query_warn_h",
+    }
+)
+
+
+def is_live(key: str) -> bool:
+    """Whether a reload applies the dotted key ("samples.band_low") at once (LIVE_KEYS)."""
+    return key in LIVE_KEYS or key.partition(".")[0] in LIVE_KEYS
+
+
+@dataclass(frozen=True)
+class ConfigChanges:
+    """The dotted keys whose values differ between two configs: applied live, or waiting for a restart."""
+
+    live: tuple[str, ...]
+    restart: tuple[str, ...]
+
+
+def config_changes(running: Config, new: Config) -> ConfigChanges:
+    """Compares the two configs key by key (a list, such as train.sources, as a whole)."""
+    changed = [
+        f"{name}.{key}"
+        for name in _section_names()
+        for key in _key_names(getattr(running, name))
+        if getattr(getattr(running, name), key) != getattr(getattr(new, name), key)
+    ]
+    return ConfigChanges(tuple(k for k in changed if is_live(k)), tuple(k for k in changed if not is_live(k)))
+
+
+def with_live_keys(running: Config, new: Config) -> Config:
+    """`running` with `new`'s value at every live key: the config a reload puts in effect."""
+    sections = {}
+    for name in _section_names():
+        old, fresh = getattr(running, name), getattr(new, name)
+        live = {key: getattr(fresh, key) for key in _key_names(old) if is_live(f"{name}.{key}")}
+        sections[name] = dataclasses.replace(old, **live)
+    return _validated(dataclasses.replace(running, **sections))
+
+
+def file_digest(path: Path) -> str:
+    """SHA-256 of a config file's bytes: whether it changed since a daemon read it. Raises OSError."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def fallback_config(path: Path) -> Config:
+    """The defaults with the file's [daemon] state_dir, for a file that does not load as a whole:
+    enough to find the daemon's control socket, so `svd reload` lets the daemon say what is wrong."""
+    try:
+        state_dir = tomllib.loads(path.read_text())["daemon"]["state_dir"]
+    except (OSError, tomllib.TOMLDecodeError, KeyError, TypeError):
+        state_dir = DaemonConfig.state_dir
+    if not isinstance(state_dir, str):
+        state_dir = DaemonConfig.state_dir
+    return Config(daemon=DaemonConfig(state_dir=state_dir), base_dir=path.resolve().parent)
+
+
+def _section_names() -> list[str]:
+    return [f.name for f in dataclasses.fields(Config) if f.name != "base_dir"]
+
+
+def _key_names(section: Any) -> list[str]:
+    return [f.name for f in dataclasses.fields(section)]
 
 
 def config_from_dict(data: dict[str, Any], base_dir: Path | None = None) -> Config:

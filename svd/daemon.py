@@ -6,7 +6,9 @@ start; loaded, warmed and checked as a hot swap would) -> batcher -> samples
 writer -> control socket -> listener -> engine watcher -> READY=1. Shutdown
 stops background jobs on the engine worker first, then undoes the rest in
 reverse, bounded; queued samples and the record of validators' queries
-(state/validators.json, read at start) are written before exit.
+(state/validators.json, read at start) are written before exit. SIGHUP (or
+`svd reload`) reads the config file again and applies its live keys
+(svd/reload.py); SIGHUP then rescans engines/ for a newer engine.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import socket
 import time
 from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import IO, Any
 
 import structlog
@@ -28,16 +31,19 @@ from svd import __version__
 from svd.config import DEV_HOTKEY, Config
 from svd.control import ControlServer
 from svd.engine.hotswap import EngineWatcher, HotSwap
+from svd.engine.load import newest_engine
 from svd.engine.serving import ServingEngine, engine_to_serve, prepare_engine
 from svd.engine.worker import EngineWorker
 from svd.engine.writer import remove_stale_temp_dirs
 from svd.errors import ShuttingDown
+from svd.logs import setup_logging
 from svd.metrics import MetricsServer
 from svd.notify import Notifier
 from svd.process import StartupError, bind_listener, bounded, lock_state_dir, return_large_buffers_to_os
+from svd.reload import ConfigReloader
 from svd.samples.db import DatabaseError
 from svd.samples.log import SampleLog
-from svd.serve.auth import Authenticator, TrustRules
+from svd.serve.auth import Authenticator, rules_from_config
 from svd.serve.batcher import Batcher
 from svd.serve.chain import Bittensor11Source, ChainSnapshot, ChainSource, ChainSync, OfflineSource
 from svd.serve.decode import DecodeLimits
@@ -49,6 +55,7 @@ from svd.validators import ValidatorLog, keep_record, load_record, save_record
 
 log = structlog.get_logger(__name__)
 HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+RELOAD_SIGNAL = signal.SIGHUP  # systemctl reload svd (ExecReload in systemd/svd.service)
 HEALTH_INTERVAL_S = 5.0
 RETURNED = "returned"  # how a supervised task that ended without an exception is described
 
@@ -58,9 +65,11 @@ class Daemon:
 
     Args:
         cfg: validated configuration.
-        handle_signals: install SIGTERM/SIGINT handlers (off when embedded in tests).
+        handle_signals: install SIGTERM/SIGINT/SIGHUP handlers (off when embedded in tests).
         notifier: sd_notify sender; defaults to $NOTIFY_SOCKET.
         chain_source: the chain in online mode; defaults to bittensor 11 (tests pass a fake).
+        config_path: the file cfg was loaded from, read again by `svd reload` and SIGHUP;
+            None: the built-in defaults.
     """
 
     def __init__(
@@ -70,6 +79,7 @@ class Daemon:
         handle_signals: bool = True,
         notifier: Notifier | None = None,
         chain_source: ChainSource | None = None,
+        config_path: Path | None = None,
     ) -> None:
         self.cfg = cfg
         self._chain_source = chain_source
@@ -84,6 +94,8 @@ class Daemon:
         self.started = asyncio.Event()
         self.should_exit = asyncio.Event()
         self.force_exit = asyncio.Event()
+        self.reload_requested = asyncio.Event()  # set by SIGHUP
+        self.reloader = ConfigReloader(config_path, cfg, self._apply_config)
         # The one thread that runs the engine: it alone touches the accelerator.
         self.worker: EngineWorker | None = None
         self.decoder = ThreadPoolExecutor(max_workers=cfg.decode.threads, thread_name_prefix="svd-decode")
@@ -100,9 +112,11 @@ class Daemon:
         self._tasks: set[asyncio.Task[None]] = set()
         self._lock: IO[str] | None = None
         self._sock: socket.socket | None = None
+        self._metrics_sock: socket.socket | None = None
         self._hotkey = ""
         self.chain: ChainSync | None = None
         self._roster: Callable[[], ChainSnapshot | None] = lambda: None
+        self._auth: Authenticator | None = None
 
     def run(self) -> int:
         """Serve until a signal; the process exit code (non-zero when errored)."""
@@ -126,6 +140,8 @@ class Daemon:
         self.validators = await asyncio.to_thread(load_record, cfg.validators_path, self.validators.dev_hotkeys)
         # Bound now, listened on once ready: a taken port stops start-up before anything slow loads.
         self._sock = bind_listener(cfg.server.host, cfg.server.port)
+        if cfg.metrics.enabled:
+            self._metrics_sock = bind_listener(cfg.metrics.host, cfg.metrics.port, section="metrics")
         for folder in (cfg.engines_dir, cfg.train_dir):  # what a killed writer left
             await asyncio.to_thread(remove_stale_temp_dirs, folder)
         hotkey = load_hotkey(cfg.wallet, cfg.state_dir, offline=cfg.auth.mode == "offline")
@@ -149,7 +165,12 @@ class Daemon:
             self.spawn("samples_writer", self.samples.run(), on_error=self.samples.writer_died)
         self.hotswap = HotSwap(self.serving, worker, cfg.engine, cfg.engines_dir)
         self.trainer = TrainScheduler(cfg, worker, self.serving, self.spawn)
-        commands = {"status": lambda _: self.snapshot().to_dict(), **self.hotswap.commands(), **self.trainer.commands()}
+        commands = {
+            "status": lambda _: {**self.snapshot().to_dict(), "config": self.reloader.status()},
+            **self.hotswap.commands(),
+            **self.trainer.commands(),
+            **self.reloader.commands(),
+        }
         self._control = ControlServer(cfg.socket_path, commands)
         await self._control.start()
         await self._start_listener(hotkey.ss58_address)
@@ -157,11 +178,13 @@ class Daemon:
             self.metrics = MetricsServer(
                 cfg.metrics.host, cfg.metrics.port, lambda: self.snapshot(percentiles=False).to_dict(), self.stats
             )
-            await self.metrics.start()
+            await self.metrics.start(self._metrics_sock)
+            self._metrics_sock = None  # the metrics server owns it now
         if cfg.engine.watch:
             self._watcher = EngineWatcher(self.hotswap, cfg.engines_dir, cfg.engine.watch_debounce_ms)
             self.spawn("engine_watcher", self._watcher.run())
         self.spawn("health", self._health_loop())
+        self.spawn("reload", self.reloader.on_signal(self.reload_requested, self.notifier, self._rescan_engines))
         self.spawn("validators", keep_record(self.validators, cfg.validators_path))
         self.trainer.start()
         self.state = "serving"
@@ -211,7 +234,7 @@ class Daemon:
         if self.handle_signals:
             # A signal after this point gets the default action: exit at once.
             loop = asyncio.get_running_loop()
-            for sig in HANDLED_SIGNALS:
+            for sig in (*HANDLED_SIGNALS, RELOAD_SIGNAL):
                 loop.remove_signal_handler(sig)
         if self._control is not None:
             await bounded(self._control.close(), "control socket")
@@ -222,8 +245,9 @@ class Daemon:
                 await bounded(self.worker.run(self.serving.engine.close), "engine")
             await bounded(self.worker.close(), "engine worker")
         self.decoder.shutdown(wait=False, cancel_futures=True)
-        if self._sock is not None:  # bound, never handed to the server
-            self._sock.close()
+        for sock in (self._sock, self._metrics_sock):  # bound, never handed to a server
+            if sock is not None:
+                sock.close()
         if self._lock is not None:
             self._lock.close()  # releases the flock
         s = self.stats
@@ -331,8 +355,7 @@ class Daemon:
         """Online: the metagraph, refreshed in the background. Offline: the allowlist as a fixed roster."""
         cfg = self.cfg
         if cfg.auth.mode == "offline":
-            stakes = {c.hotkey: c.stake for c in cfg.auth.allowlist}
-            roster = OfflineSource(stakes).fetch(cfg.chain.netuid)
+            roster = _allowlist_roster(cfg)
             self._roster = lambda: roster
             return
         port = cfg.chain.advertise_port or cfg.server.port
@@ -353,11 +376,11 @@ class Daemon:
         assert self.batcher is not None
         cfg = self.cfg
         a = cfg.auth
-        rules = TrustRules(a.require_registered, a.require_validator_permit, a.min_stake, a.rate_per_s, a.rate_burst)
-        rates = {c.hotkey: c.rate_per_s for c in a.allowlist if c.rate_per_s >= 0} if a.mode == "offline" else {}
+        rules, rates = rules_from_config(a)
+        self._auth = Authenticator(hotkey, self._roster, rules, a.nonce_max_age_s, a.nonce_future_s, rates=rates)
         self.frontend = Frontend(
             cfg=cfg.server,
-            auth=Authenticator(hotkey, self._roster, rules, a.nonce_max_age_s, a.nonce_future_s, rates=rates),
+            auth=self._auth,
             batcher=self.batcher,
             decoder=self.decoder,
             limits=DecodeLimits(cfg.decode.max_image_bytes, cfg.decode.max_pixels, cfg.decode.formats),
@@ -395,13 +418,45 @@ class Daemon:
                 self.notifier.watchdog()
             await asyncio.sleep(interval)
 
+    async def _rescan_engines(self) -> None:
+        """The newest engine on disk, offered as the watcher would (one it missed, or with [engine] watch off)."""
+        newest = await asyncio.to_thread(newest_engine, self.cfg.engines_dir)
+        if self.hotswap is not None and newest is not None and newest != self.hotswap.serving.path:
+            await self.hotswap.offer(newest)
+
+    def _apply_config(self, cfg: Config) -> None:
+        """A reloaded config to what reads its live keys (config.LIVE_KEYS); its other keys are as running."""
+        old, self.cfg = self.cfg, cfg
+        d = cfg.daemon
+        if (d.log_level, d.log_format) != (old.daemon.log_level, old.daemon.log_format):
+            setup_logging(d.log_level, d.log_format)
+        if self.samples is not None:
+            self.samples.reconfigure(cfg.samples)
+        if self.trainer is not None:
+            self.trainer.reconfigure(cfg)
+        if cfg.auth.mode == "offline":  # online, the chain's roster stays
+            roster = _allowlist_roster(cfg)
+            self._roster = lambda: roster
+        if self._auth is not None:
+            self._auth.reconfigure(*rules_from_config(cfg.auth), roster=self._roster)
+
     def _install_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()
         for sig in HANDLED_SIGNALS:
             loop.add_signal_handler(sig, self._on_signal, sig)
+        loop.add_signal_handler(RELOAD_SIGNAL, self._on_reload_signal)
+
+    def _on_reload_signal(self) -> None:
+        log.info("signal_received", signal=RELOAD_SIGNAL.name)
+        self.reload_requested.set()
 
     def _on_signal(self, sig: signal.Signals) -> None:
         if self.should_exit.is_set():
             self.force_exit.set()  # a second signal: stop waiting for in-flight requests
         log.info("signal_received", signal=sig.name)
         self.should_exit.set()
+
+
+def _allowlist_roster(cfg: Config) -> ChainSnapshot:
+    """Offline: the allowlist as a fixed roster, every entry a validator with its stake."""
+    return OfflineSource({c.hotkey: c.stake for c in cfg.auth.allowlist}).fetch(cfg.chain.netuid)

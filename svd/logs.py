@@ -61,14 +61,18 @@ class JournalPrefix:
 
 
 class _StdoutHandler(logging.StreamHandler[TextIO]):
-    """A StreamHandler on whatever sys.stdout is when a record arrives.
+    """A StreamHandler on whatever sys.stdout (or sys.stderr) is when a record arrives.
 
     The daemon never swaps sys.stdout, but in-process tests (pytest's capture)
     do: a handler bound to an old, closed capture would fail on every record.
     """
 
+    def __init__(self, to_stderr: bool = False) -> None:
+        super().__init__(sys.stderr if to_stderr else sys.stdout)
+        self._to_stderr = to_stderr
+
     def emit(self, record: logging.LogRecord) -> None:
-        self.stream = sys.stdout
+        self.stream = sys.stderr if self._to_stderr else sys.stdout
         super().emit(record)
 
 
@@ -87,13 +91,15 @@ class _ForeignLevelFilter(logging.Filter):
         return record.levelno >= self._level or record.name == "svd" or record.name.startswith("svd.")
 
 
-def setup_logging(level: str = "info", fmt: str = "auto") -> None:
+def setup_logging(level: str = "info", fmt: str = "auto", to_stderr: bool = False) -> None:
     """Configure structlog and the stdlib root logger for the process; calling again replaces the setup.
 
     Args:
         level: one of LEVELS; svd's own events at this level and above, other
             libraries' at this level or FOREIGN_MIN_LEVEL, whichever is stricter.
         fmt: "json", "console", or "auto" (console when stdout is a terminal).
+        to_stderr: log lines on stderr (a one-off command whose stdout carries its result, e.g. --json);
+            the daemon logs on stdout, journald's stream.
     """
     use_json = fmt == "json" or (fmt == "auto" and not sys.stdout.isatty())
     renderer: Processor = (
@@ -119,12 +125,12 @@ def setup_logging(level: str = "info", fmt: str = "auto") -> None:
         foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
         processors=[ProcessorFormatter.remove_processors_meta, structlog.processors.format_exc_info, renderer],
     )
-    _route_stdlib(formatter, LEVELS[level])
+    _route_stdlib(formatter, LEVELS[level], to_stderr)
 
 
-def _route_stdlib(formatter: logging.Formatter, level: int) -> None:
+def _route_stdlib(formatter: logging.Formatter, level: int, to_stderr: bool = False) -> None:
     foreign_level = max(level, FOREIGN_MIN_LEVEL)
-    handler = _StdoutHandler(sys.stdout)
+    handler = _StdoutHandler(to_stderr)
     handler.setFormatter(formatter)
     handler.addFilter(_ForeignLevelFilter(foreign_level))
     root = logging.getLogger()

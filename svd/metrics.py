@@ -9,6 +9,7 @@ loop, so a scrape never reads state another thread is changing.
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable, Iterator
 from datetime import datetime
 from typing import Any
@@ -205,12 +206,13 @@ class MetricsServer:
         self._registry.register(_Collector(snapshot, stats))
         self._runner: web.AppRunner | None = None
 
-    async def start(self) -> None:
+    async def start(self, sock: socket.socket | None = None) -> None:
+        """Serve; on `sock` when the daemon bound it early (a taken port stops start-up before the engine)."""
         app = web.Application()
         app.router.add_get("/metrics", self._scrape)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port)
+        site = web.SockSite(self._runner, sock) if sock is not None else web.TCPSite(self._runner, self.host, self.port)
         await site.start()
         self.port = int(self._runner.addresses[0][1])
         log.info("metrics_listening", host=self.host, port=self.port)

@@ -1,4 +1,4 @@
-"""sd_notify over $NOTIFY_SOCKET: READY, WATCHDOG and STOPPING for systemd.
+"""sd_notify over $NOTIFY_SOCKET: READY, RELOADING, WATCHDOG and STOPPING for systemd.
 
 A few lines of socket code instead of a dependency; a no-op outside systemd.
 """
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 
 import structlog
 
@@ -39,6 +40,11 @@ class Notifier:
 
     def ready(self) -> None:
         self.send("READY=1")
+
+    def reloading(self) -> None:
+        """A reload begins (SIGHUP); ready() says it is over. systemd 253+ wants the CLOCK_MONOTONIC
+        time with it (sd_notify(3)); older ones ignore the field."""
+        self.send(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
 
     def watchdog(self) -> None:
         self.send("WATCHDOG=1")

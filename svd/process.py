@@ -59,18 +59,18 @@ def return_large_buffers_to_os() -> bool:
         return False
 
 
-def bind_listener(host: str, port: int) -> socket.socket:
+def bind_listener(host: str, port: int, section: str = "server") -> socket.socket:
     """The listening socket, bound (not yet listening).
 
     Raises:
-        StartupError: naming server.port when the address is taken, server.host when it cannot be bound.
+        StartupError: naming <section>.port when the address is taken, <section>.host when it cannot be bound.
     """
     try:
         family, kind, proto, _, address = socket.getaddrinfo(
             host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
         )[0]
     except socket.gaierror as e:
-        raise StartupError(f"server.host: cannot resolve {host!r} ({e})") from None
+        raise StartupError(f"{section}.host: cannot resolve {host!r} ({e})") from None
     sock = socket.socket(family, kind, proto)
     # As aiohttp's reuse_address: a restart binds over the last run's TIME_WAIT connections.
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -79,11 +79,12 @@ def bind_listener(host: str, port: int) -> socket.socket:
     except OSError as e:
         sock.close()
         if e.errno == errno.EADDRINUSE:
+            also = " (and chain.advertise_port when online)" if section == "server" else ""
             raise StartupError(
-                f"server.port: {host}:{port} is in use by another process; stop it, or set server.port "
-                "(and chain.advertise_port when online) to a free port"
+                f"{section}.port: {host}:{port} is in use by another process; stop it, or set {section}.port"
+                f"{also} to a free port"
             ) from None
-        raise StartupError(f"server.host/server.port: cannot bind {host}:{port}: {e.strerror}") from None
+        raise StartupError(f"{section}.host/{section}.port: cannot bind {host}:{port}: {e.strerror}") from None
     sock.setblocking(False)
     return sock
 

@@ -116,6 +116,7 @@ def render_table(s: dict[str, Any], now: float | None = None) -> str:
         ("last validator query", _last_query(validators, now)),
         ("hotkey", s["hotkey"]),
         ("listening", s["listen"]),
+        ("config", _config(s.get("config") or {}, now)),
         ("chain", _chain(s["chain"])),
         ("engine", _engine(engine)),
         ("served", str(s["served"])),
@@ -131,6 +132,19 @@ def render_table(s: dict[str, Any], now: float | None = None) -> str:
         ("validators seen", _seen_list(validators, now)),
     ]
     return "\n".join(f"{k.ljust(KEY_WIDTH)}  {v}" for k, v in rows)
+
+
+def _config(c: dict[str, Any], now: float) -> str:
+    """Which config file the daemon runs on, since when, and what a reload could not apply."""
+    if not c:
+        return "not reported"
+    line = f"{c.get('path') or 'built-in defaults'}, loaded {_duration(now - c['loaded_at'])} ago"
+    if c.get("restart_needed"):
+        line += f"{PAD}restart to apply: {', '.join(c['restart_needed'])}"
+    last = c.get("last_reload") or {}
+    if last.get("ok") is False:
+        line += f"{PAD}last reload refused: {last.get('error')}"
+    return line
 
 
 def _last_query(v: dict[str, Any], now: float) -> str:
@@ -255,7 +269,9 @@ def _train(t: dict[str, Any]) -> str:
     run = t.get("running")
     if run:
         total = f"/{run['total']}" if run.get("total") else ""
-        line += f"{PAD}running {run['run_id']}: {run['stage']} {run['done']}{total} ({_duration(run['duration_s'])})"
+        held = " (paused: svd train resume)" if run.get("paused") else ""
+        line += f"{PAD}running {run['run_id']}{held}: {run['stage']} {run['done']}{total}"
+        line += f" ({_duration(run['duration_s'])})"
     last = t.get("last")
     if last:
         line += f"{PAD}last {last['run_id']}: {last['result']} in {_duration(last.get('duration_s') or 0)}"

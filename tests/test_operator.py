@@ -80,6 +80,24 @@ def test_a_taken_port_stops_start_up_at_once_with_one_line_naming_the_key(tmp_pa
     assert "server.port" in failed["error"] and str(port) in failed["error"]
 
 
+def test_a_taken_metrics_port_stops_start_up_before_the_engine_is_built(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        # An empty engines/ with build_demo_if_empty: the demo engine would be built, if start-up got there.
+        config = write_config(tmp_path, free_port())
+        text = config.read_text().replace("build_demo_if_empty = false", "build_demo_if_empty = true")
+        config.write_text(text.replace("[metrics]\nport = 0", f"[metrics]\nport = {port}"))
+        done = svd("--config", str(config), "run")
+    assert done.returncode == 1
+    lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    failed = next(line for line in lines if line["event"] == "startup_failed")
+    assert failed["error"].startswith(f"metrics.port: 127.0.0.1:{port} is in use by another process")
+    assert not any(line["event"].startswith(("engine", "building")) for line in lines)
+    assert not (tmp_path / "engines").exists() or not any((tmp_path / "engines").iterdir())
+
+
 def test_run_says_which_config_and_state_dir_and_warns_without_a_file(tmp_path: Path) -> None:
     with socket.socket() as taken:  # the default port, held so the daemon stops right after saying it
         try:

@@ -26,6 +26,8 @@ REQUIRED = {
     "Restart": ["always"],
     "User": ["svd"],
     "ExecStart": [f"{EXEC} --config /etc/svd/config.toml run"],
+    # systemctl reload: SIGHUP re-reads the config file.
+    "ExecReload": ["/bin/kill -HUP $MAINPID"],
     "EnvironmentFile": ["-/etc/svd/svd.env"],
     # Logs: svd's <N> prefixes become journal priorities.
     "StandardOutput": ["journal"],

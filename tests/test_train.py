@@ -28,6 +28,7 @@ from svd.engine.serving import prepare_engine
 from svd.engine.worker import EngineWorker
 from svd.process import try_flock
 from svd.status import _train as status_train_row
+from svd.train.cli import Said
 from svd.train.features import FEATURES_DB, FeatureCache
 from svd.train.pipeline import LOCK, RunState, TrainRun
 from svd.train.report import PLOTS, REPORT, read_history
@@ -248,3 +249,17 @@ async def test_a_cancelled_run_stops_its_job_and_writes_no_engine(
     assert history[-1]["result"] == "cancelled"
     await worker.run(engine.close)
     shutil.rmtree(cfg.state_dir / "train")
+
+
+def test_train_now_wait_says_a_line_only_when_something_changed() -> None:
+    said = Said()
+    run = {"stage": "features", "done": 0, "total": 200, "epochs": []}
+    assert said.news(run) == ["stage features", "features 0/200 (0%)"]
+    assert said.news({**run, "done": 15}) == []  # a poll that finds nothing new says nothing
+    assert said.news({**run, "done": 45}) == ["features 45/200 (20%)"]
+    epochs = [{"epoch": 1, "val_loss": 0.69}]
+    fit = {"stage": "fit", "done": 2, "total": 100, "epochs": epochs}
+    assert said.news(fit) == ["stage fit", "fit epoch 1: validation loss 0.6900"]
+    epochs += [{"epoch": 2, "val_loss": 0.5}, {"epoch": 3, "val_loss": 0.4}]
+    assert said.news(fit) == ["fit epoch 2: validation loss 0.5000", "fit epoch 3: validation loss 0.4000"]
+    assert said.news(fit) == []

@@ -89,6 +89,26 @@ async def test_pause_stops_the_schedule_and_refuses_runs_resume_restores_them(
         assert not resumed["paused"] and resumed["next_run"] == train["next_run"]
 
 
+async def test_a_run_paused_midway_shows_as_paused_and_resumes(
+    tmp_path: Path, tiny_engine: Path, demo_data: Path
+) -> None:
+    sources = [{"kind": "natix_parquet", "path": str(demo_data)}]
+    cfg = make_config(tmp_path, tiny_engine, train={**TRAIN_SMALL, "sources": sources})
+    async with running_daemon(cfg) as d:
+        started = await asyncio.to_thread(call, cfg.socket_path, "train_now")
+        await asyncio.to_thread(call, cfg.socket_path, "train_pause")
+        snap = await status(cfg)
+        running = snap["train"]["running"]
+        assert running["run_id"] == started["run_id"] and running["paused"] is True
+        from svd.status import render_table
+
+        table = render_table(d.snapshot().to_dict())
+        assert f"running {started['run_id']} (paused: svd train resume): " in table
+        await asyncio.to_thread(call, cfg.socket_path, "train_resume")
+        last = await until(cfg, lambda s: (s["train"]["last"] or {}).get("run_id") == started["run_id"], "run")
+        assert last["train"]["last"]["result"] in ("promoted", "rejected")
+
+
 async def test_the_real_scheduler_fires_one_run_at_a_time(tmp_path: Path, tiny_engine: Path) -> None:
     # Too little data on purpose: each run ends at once as skipped, which is enough to count firings.
     cfg = make_config(tmp_path, tiny_engine, train={"min_images": 10_000})

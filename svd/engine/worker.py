@@ -55,6 +55,8 @@ class Progress:
     done: int
     total: int | None = None
     stage: str = ""
+    # A figure of the step just finished, where there is one (fit: that epoch's validation loss).
+    value: float | None = None
 
 
 @dataclass

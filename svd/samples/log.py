@@ -113,6 +113,13 @@ class SampleLog:
         """The writer task ended while serving (a bug): status shows it; nothing is written any more."""
         self.counters.errored = f"writer exited: {error}"
 
+    def reconfigure(self, cfg: SamplesConfig) -> None:
+        """A reloaded [samples] (`svd reload`): the policy, queue bounds, flushing and retention caps
+        from their next use on; `enabled` and `db` stay as they were at start (config.LIVE_KEYS)."""
+        self.cfg = self.store.cfg = cfg
+        policy = self.policy
+        policy.band_low, policy.band_high, policy.random_rate = cfg.band_low, cfg.band_high, cfg.random_rate
+
     async def open(self) -> None:
         """Open (creating or migrating) the store.
 

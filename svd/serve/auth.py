@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from bittensor_wallet import Keypair
 
+from svd.config import AuthConfig
 from svd.errors import Forbidden, RateLimited, Unauthorized
 from svd.serve.chain import ChainSnapshot
 from svd.serve.protocol import CallerHeaders
@@ -66,6 +67,13 @@ class TrustRules:
     rate_burst: float = 20.0
 
 
+def rules_from_config(a: AuthConfig) -> tuple[TrustRules, dict[str, float]]:
+    """[auth]'s trust rules, and the offline allowlist's per-caller rates (-1 there: auth.rate_per_s)."""
+    rules = TrustRules(a.require_registered, a.require_validator_permit, a.min_stake, a.rate_per_s, a.rate_burst)
+    rates = {c.hotkey: c.rate_per_s for c in a.allowlist if c.rate_per_s >= 0} if a.mode == "offline" else {}
+    return rules, rates
+
+
 class RateLimiter:
     """A token bucket per hotkey. Charged only after the signature verified, so
     nobody can spend a validator's budget by posing as it."""
@@ -75,6 +83,11 @@ class RateLimiter:
         self._burst = burst
         self._clock = clock
         self._buckets: dict[str, tuple[float, float]] = {}  # hotkey -> (tokens, last refill)
+
+    def set_limits(self, rate_per_s: float, burst: float) -> None:
+        """New limits from the next query on; each bucket keeps its tokens (capped at the new burst)."""
+        self._rate = rate_per_s
+        self._burst = burst
 
     def allow(self, hotkey: str, rate_per_s: float | None = None) -> bool:
         rate = self._rate if rate_per_s is None else rate_per_s
@@ -131,6 +144,22 @@ class Authenticator:
         self._keys: dict[str, Keypair] = {}
         self.nonces = NonceLedger(self._max_age_ns + self._future_ns)
         self._rate = RateLimiter(rules.rate_per_s, rules.rate_burst, monotonic)
+
+    def reconfigure(
+        self, rules: TrustRules, rates: dict[str, float], roster: Callable[[], ChainSnapshot | None] | None = None
+    ) -> None:
+        """A reloaded [auth] (`svd reload`): trust rules and rate limits from the next request on.
+        Nonces seen and rate buckets carry over; the nonce window is fixed at start (config.LIVE_KEYS).
+
+        Args:
+            rules, rates: as rules_from_config() gives them.
+            roster: a new roster (the offline allowlist); None keeps the current one (the chain's).
+        """
+        self._rules = rules
+        self._rates = rates
+        self._rate.set_limits(rules.rate_per_s, rules.rate_burst)
+        if roster is not None:
+            self._roster = roster
 
     def check(self, h: CallerHeaders) -> Caller:
         """The bt9 path: every check from headers alone, cheapest first."""

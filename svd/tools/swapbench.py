@@ -248,13 +248,14 @@ async def run_swaps(
 
 
 def _restore(socket_path: Path, name: str, was_pinned: bool, engines_dir: Path, tag: str) -> None:
-    """Serve the engine that served before, then remove what the run wrote."""
+    """Serve the engine that served before, remove what the run wrote, then unpin if it was not pinned
+    (unpin serves the best engine on disk: the run's newer engines must be gone by then)."""
     call(socket_path, "swap", 120.0, name=name)
-    if not was_pinned:
-        call(socket_path, "unpin")
     for path in engines_dir.iterdir():
         if path.name.startswith(tag) or path.name == STAGING:
             shutil.rmtree(path, ignore_errors=True)
+    if not was_pinned:
+        call(socket_path, "unpin")
 
 
 def _figures(requests: Requests, windows: list[tuple[float, float]], steps: list[dict[str, Any]]) -> dict[str, Any]:

@@ -413,5 +413,5 @@ def run_demo_data(args: argparse.Namespace, cfg: Config) -> int:
         made = sum(summary.synthetic.values())
         print(f"{made} synthetic PNGs ({summary.synthetic[1]} roadwork) under {args.dir / 'synthetic'}")
         sources += f'\n[[train.sources]]\nkind = "image_folder"\npath = "{args.dir / "synthetic"}"\nsynthetic = true\n'
-    print(f"\nTo train on it, add to config.toml:\n\n{sources}")
+    print(f"\nTo train on it (then `svd reload` a running daemon), add to config.toml:\n\n{sources}")
     return 0

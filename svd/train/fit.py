@@ -133,6 +133,7 @@ def fit_head(
                 budget.restart()
         val_loss = _evaluate_loss(head, vx, vy, vw)
         history.append({"epoch": epoch, "val_loss": val_loss})
+        yield Progress(epoch, cfg.max_epochs, "epoch", value=val_loss)
         if val_loss < best[0] - 1e-6:
             best = (val_loss, epoch, _state(head))
         elif epoch - best[1] >= cfg.patience:

@@ -70,6 +70,8 @@ class RunState:
     # Holdout MCC and accuracy per kind of image (real, synthetic, served), candidate and serving.
     by_kind: dict[str, dict[str, Any]] | None = None
     features: dict[str, int] = dataclasses.field(default_factory=dict)
+    # Each fit epoch done so far: {"epoch", "val_loss"} (svd train now --wait prints them).
+    epochs: list[dict[str, float]] = dataclasses.field(default_factory=list)
     report: str | None = None
 
     def summary(self) -> dict[str, Any]:
@@ -190,7 +192,7 @@ class TrainRun:
         dims = self.engine.manifest.feature_dims
         await asyncio.to_thread(warm_optimiser)
         fitting = fit_head(sets["train"], sets["validation"], dims, fit_cfg, self.device)
-        fitted: FitResult = await self._background("fit", fitting)
+        fitted: FitResult = await self._background("fit", fitting, on_slice=self._fit_progress)
         self._report["fit"] = {**fitted.summary(), "history": fitted.history}
         kinds = np.asarray([v.record.origin for v in views["holdout"]])
         verdict = await self._judge(fitted.head, serving_head, sets["holdout"], kinds)
@@ -302,9 +304,19 @@ class TrainRun:
         self._end("promoted", "; ".join(verdict.reasons))
         log.info("train_engine_written", run_id=s.run_id, engine=name, path=str(target))
 
-    async def _background(self, name: str, job_slices: Any) -> Any:
+    async def _background(self, name: str, job_slices: Any, on_slice: Callable[[Progress], None] | None = None) -> Any:
+        if on_slice is not None:
+            job_slices = _forwarded(job_slices, asyncio.get_running_loop(), on_slice)
         job = self.worker.background(f"train {self.state.run_id}: {name}", job_slices)
         return await job.wait()  # cancelled with this task
+
+    def _fit_progress(self, progress: Progress) -> None:
+        """On the loop: the fit's epochs into the run's state (a bar, `svd train now --wait`'s lines)."""
+        s = self.state
+        s.done, s.total = progress.done, progress.total
+        if progress.stage == "epoch" and progress.value is not None:
+            s.epochs.append({"epoch": progress.done, "val_loss": round(float(progress.value), 6)})
+        self._on_progress(s)
 
     def _stage(self, stage: str) -> None:
         self.state.stage = stage
@@ -354,6 +366,23 @@ def too_little_data(counts: dict[str, Any], min_images: int) -> str:
             "hf download natix-network-org/roadwork --repo-type dataset), then svd reload."
         )
     return text
+
+
+def _forwarded(
+    slices: Generator[Progress, None, Any], loop: asyncio.AbstractEventLoop, on_slice: Callable[[Progress], None]
+) -> Generator[Progress, None, Any]:
+    """The job's slices as they are, each one's progress also handed to the event loop (the job runs
+    on the engine thread; the run's state belongs to the loop)."""
+    try:
+        while True:
+            try:
+                progress = next(slices)
+            except StopIteration as done:
+                return done.value
+            loop.call_soon_threadsafe(on_slice, progress)
+            yield progress
+    finally:
+        slices.close()  # cancelled mid-way: the job's own cleanup runs now
 
 
 def _served_features(view: ViewKey, backbone: str) -> np.ndarray | None:

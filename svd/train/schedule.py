@@ -63,6 +63,7 @@ class TrainScheduler:
         self.last: dict[str, Any] | None = None
         self.paused = False
         self.runs: Counter[str] = Counter()  # results since start
+        self._started = False  # start() ran: a reload may (re)plan the cron from then on
 
     def start(self, trigger: BaseTrigger | None = None) -> None:
         """Reads the last run from history and starts the cron (when [train] is enabled).
@@ -72,9 +73,38 @@ class TrainScheduler:
         """
         history = read_history(self.cfg.train_dir)
         self.last = history[-1] if history else None
+        self._started = True
         if not self.cfg.train.enabled:
             log.info("train_schedule_off")
             return
+        self._start_cron(trigger)
+
+    def reconfigure(self, cfg: Config) -> None:
+        """A reloaded config (`svd reload`): the next run uses it (one going on keeps its own); a changed
+        schedule, grace or `enabled` re-plans the cron at once. A pause stays a pause."""
+        old, self.cfg = self.cfg.train, cfg
+        tc = cfg.train
+        if not tc.enabled:
+            if self._scheduler is not None:
+                self._scheduler.shutdown(wait=False)
+                self._scheduler = None
+                log.info("train_schedule_off")
+            return
+        if self._scheduler is None:
+            if self._started:  # before, start() plans it from the new config
+                self._start_cron()
+            return
+        if (tc.schedule, tc.misfire_grace_s) == (old.schedule, old.misfire_grace_s):
+            return
+        self._scheduler.modify_job(JOB_ID, misfire_grace_time=tc.misfire_grace_s)
+        if tc.schedule != old.schedule:
+            # reschedule_job also sets the next run time, which would resume a paused job.
+            self._scheduler.reschedule_job(JOB_ID, trigger=CronTrigger.from_crontab(tc.schedule))
+            if self.paused:
+                self._scheduler.pause_job(JOB_ID)
+        log.info("train_schedule_changed", cron=tc.schedule, next_run=self._next_run())
+
+    def _start_cron(self, trigger: BaseTrigger | None = None) -> None:
         tc = self.cfg.train
         self._scheduler = AsyncIOScheduler(event_loop=asyncio.get_running_loop())
         self._scheduler.add_job(
@@ -86,6 +116,8 @@ class TrainScheduler:
             misfire_grace_time=tc.misfire_grace_s,
         )
         self._scheduler.start()
+        if self.paused:
+            self._scheduler.pause_job(JOB_ID)
         log.info("train_schedule_started", cron=tc.schedule, next_run=self._next_run())
 
     def commands(self) -> dict[str, Callable[[dict[str, Any]], Any]]:
@@ -129,6 +161,8 @@ class TrainScheduler:
     def status(self) -> dict[str, Any]:
         going = self.current is not None and self._task is not None and not self._task.done()
         running = self.current.state.summary() if going and self.current is not None else None
+        if running is not None:
+            running["paused"] = self.paused  # held between two slices until svd train resume
         return {
             "enabled": self.cfg.train.enabled,
             "schedule": self.cfg.train.schedule,
