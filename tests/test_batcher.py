@@ -7,7 +7,7 @@ import pytest
 
 from svd.engine.worker import EngineWorker
 from svd.errors import EngineDead, EngineFailure, Overloaded, RequestTimeout, ShuttingDown
-from svd.serve.batcher import Batcher, Item, collect_batch
+from svd.serve.batcher import Batcher, BatchTimes, Item, collect_batch
 from tests.helpers import FakeEngine, FakeOutput
 
 FAR = 1e12  # a deadline nobody reaches
@@ -91,17 +91,23 @@ async def test_higher_stake_is_served_first(worker: EngineWorker) -> None:
 
 
 async def test_request_that_cannot_make_its_deadline_fails_before_the_engine(worker: EngineWorker) -> None:
-    engine = FakeEngine(latency_s=0.05)
+    # Admitted on a generous estimate, then the engine turns out slow: the second request
+    # expires before the engine instead of running late, and counts as admitted but late.
+    engine = FakeEngine(latency_s=0.3)
     b = Batcher(Holder(engine), worker, max_batch=8, max_queue=64)
     task = await started(b)
     loop = asyncio.get_running_loop()
     busy = b.submit(image(0), 1.0, FAR)
     await asyncio.sleep(0.005)
-    doomed = b.submit(image(9), 1.0, deadline=loop.time() + 0.02)  # engine busy for ~45 ms more
+    b.times.add(1, 0.001)  # believed fast: the request below is admitted (0.01 s ahead fits 0.1 s)
+    b.times.add(8, 0.008)
+    doomed = b.submit(image(9), 1.0, deadline=loop.time() + 0.1)  # the engine is busy for ~0.3 s more
     with pytest.raises(RequestTimeout):
         await doomed
     await busy
     assert engine.batches == [1]
+    await asyncio.sleep(0)  # done callbacks
+    assert b.stats.admitted_late == 1
     await stop(task)
 
 
@@ -113,6 +119,9 @@ async def test_full_queue_sheds_the_least_valuable(worker: EngineWorker) -> None
     await asyncio.sleep(0.01)
     low = b.submit(image(1), 1.0, FAR)
     mid = b.submit(image(2), 5.0, FAR)
+    with pytest.raises(Overloaded, match="full"):
+        b.admit(0.5, FAR)  # the same check, before a body is read and decoded
+    b.admit(100.0, FAR)
     with pytest.raises(Overloaded):
         b.submit(image(3), 0.5, FAR)  # less valuable than anything queued: refused
     high = b.submit(image(4), 100.0, FAR)  # evicts the lowest stake
@@ -216,16 +225,19 @@ async def test_a_pessimistic_batch_estimate_cannot_turn_everything_away(worker: 
     b = Batcher(Holder(FakeEngine()), worker, max_batch=4, max_queue=64)
     task = await started(b)
     loop = asyncio.get_running_loop()
-    b.batch_s = 100.0  # learnt during a slow spell
-    for _ in range(20):  # each refusal halves it, until requests fit their deadline again
+    b.times.add(1, 0.01)
+    b.times.add(1, 100.0)  # learnt during a slow spell: ~50 s
+    refusals = 0
+    for _ in range(20):  # each refusal at an idle engine halves it, until requests fit their deadline again
         try:
             await b.submit(image(7), 1.0, deadline=loop.time() + 1.0)
             break
-        except RequestTimeout:
-            pass
+        except Overloaded as e:
+            assert e.reason == "predicted_late"
+            refusals += 1
     else:
-        pytest.fail(f"still refusing with batch_s={b.batch_s}")
-    assert b.batch_s < 1.0
+        pytest.fail(f"still refusing with {b.times.estimate(1)} s per batch")
+    assert refusals == 7 and b.times.estimate(1) < 1.0  # 50 s halved 7 times: 0.39 s, 0.59 s with the margin
     await stop(task)
 
 
@@ -279,3 +291,97 @@ async def test_background_slices_never_run_between_batches_while_requests_wait()
     assert events.count("slice") == 400
     await stop(task)
     await worker.close()
+
+
+class Clock:
+    """A clock the test moves by hand."""
+
+    def __init__(self, now: float = 100.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_batch_times_are_learnt_per_size_and_never_guessed_low() -> None:
+    t = BatchTimes(prior_per_image_s=0.05)
+    assert t.estimate(4) == pytest.approx(0.2)  # nothing timed yet: the prior per image
+    t.add(2, 0.04)
+    t.add(8, 0.10)
+    assert t.estimate(2) == pytest.approx(0.04) and t.estimate(8) == pytest.approx(0.10)
+    assert t.estimate(1) == pytest.approx(0.04)  # below the smallest timed: as the smallest
+    assert t.estimate(5) == pytest.approx(0.07)  # between: on the line through 2 and 8
+    assert t.estimate(16) == pytest.approx(0.20)  # above the largest: in proportion to the images
+    t.add(8, 0.20)  # slower: EWMA, alpha 0.5
+    assert t.estimate(8) == pytest.approx(0.15)
+    t.add(2, 0.02)  # faster: EWMA, alpha 0.2
+    assert t.estimate(2) == pytest.approx(0.036)
+    t.decay()
+    assert t.estimate(8) == pytest.approx(0.10)  # halved, but never below the fastest batch of 8 seen
+    assert t.estimate(2) == pytest.approx(0.02)
+
+
+async def test_admission_refuses_at_once_a_request_whose_predicted_wait_misses_its_deadline(
+    worker: EngineWorker,
+) -> None:
+    clock = Clock()
+    b = Batcher(Holder(FakeEngine()), worker, max_batch=4, max_queue=64, admit_margin=0.25, clock=clock)
+    b.times.add(4, 1.0)  # the batch loop is not running: the queue stays as submitted
+    queued = [b.submit(image(i), 1.0, FAR) for i in range(8)]
+    # With less stake it is served after those 8: two full batches, then its own: 3.0 s, 3.75 s with the margin.
+    assert b.predicted_wait(8, 9, clock.now) == pytest.approx(3.0)
+    with pytest.raises(Overloaded) as refused:
+        b.submit(image(9), 0.5, deadline=clock.now + 3.7)
+    assert refused.value.reason == "predicted_late" and refused.value.status == 503
+    with pytest.raises(Overloaded, match=r"answer expected in 3\.00 s"):
+        b.admit(0.5, deadline=clock.now + 3.7)  # the same check, before a body is read and decoded
+    assert b.depth == 8  # refused, never queued
+    b.admit(0.5, deadline=clock.now + 3.8)
+    fits = b.submit(image(10), 0.5, deadline=clock.now + 3.8)
+    assert b.depth == 9 and not fits.done()
+    # With more stake the same deadline is easy: nothing is ahead of it.
+    b.submit(image(11), 5.0, deadline=clock.now + 1.3)
+    assert b.depth == 10
+    for f in [*queued, fits]:
+        f.cancel()
+    await asyncio.sleep(0)
+    assert b.stats.admitted_late == 0  # cancelled long before their deadlines: not late
+
+
+async def test_a_higher_stake_newcomer_sheds_at_once_those_it_pushes_past_their_deadline(
+    worker: EngineWorker,
+) -> None:
+    clock = Clock()
+    engine = FakeEngine()
+    b = Batcher(Holder(engine), worker, max_batch=1, max_queue=64, admit_margin=0.25, clock=clock)
+    b.times.add(1, 1.0)
+    tight = b.submit(image(1), 1.0, deadline=clock.now + 2.4)  # served next: 1.0 s, 1.25 with the margin
+    loose = b.submit(image(2), 1.0, FAR)
+    high = b.submit(image(3), 100.0, FAR)  # goes first: `tight` now ends at 2.0 s, 2.5 with the margin
+    assert tight.done() and not loose.done() and not high.done()
+    with pytest.raises(Overloaded) as shed:
+        tight.result()
+    assert shed.value.reason == "displaced"
+    task = await started(b)
+    assert [round(p.prob * 255) for p in await asyncio.gather(high, loose)] == [3, 2]
+    assert engine.batches == [1, 1] and b.stats.admitted_late == 0
+    await stop(task)
+
+
+async def test_a_caller_that_stops_waiting_at_its_deadline_counts_as_admitted_but_late(worker: EngineWorker) -> None:
+    clock = Clock()
+    b = Batcher(Holder(FakeEngine()), worker, max_batch=4, max_queue=64, clock=clock)
+    b.times.add(1, 0.1)
+    gave_up_early = b.submit(image(1), 1.0, deadline=clock.now + 5.0)
+    timed_out = b.submit(image(2), 1.0, deadline=clock.now + 5.0)
+    clock.now += 1.0
+    gave_up_early.cancel()  # hung up 4 s before its deadline: not ours to count
+    await asyncio.sleep(0)
+    clock.now += 4.0
+    timed_out.cancel()  # the handler's wait ends at the deadline
+    await asyncio.sleep(0)
+    assert b.stats.admitted_late == 1
+    with pytest.raises(Overloaded):
+        b.submit(image(3), 1.0, deadline=clock.now + 0.05)  # refused requests were never admitted
+    await asyncio.sleep(0)
+    assert b.stats.admitted_late == 1

@@ -2,14 +2,19 @@
 
 When the worker is idle, everything queued (up to max_batch) goes at once: no
 artificial wait at low load. While it is busy, requests pile up and form the
-next batch by themselves. A request that cannot be answered before its
-deadline fails at once instead of wasting the engine. While requests wait
-here, the worker's idle lane starts no background slice (set_waiting).
+next batch by themselves. A request is admitted only if its predicted answer
+(the queue served before it, in batches, at the engine's measured time per
+batch) fits its deadline with a margin; otherwise it gets a 503 at once, since
+a late answer scores like none and also holds the caller's connection for the
+whole timeout. While requests wait here, the worker's idle lane starts no
+background slice (set_waiting).
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
+import functools
 import heapq
 import itertools
 import time
@@ -29,9 +34,18 @@ from svd.serve.decode import Decoded
 from svd.status import Stats
 
 log = structlog.get_logger(__name__)
-# Prior for the batch-time estimate before the first batch has been timed.
-INITIAL_BATCH_S = 0.05
+# Prior for a batch's engine time, per image, before any batch of any size has been timed.
+INITIAL_IMAGE_S = 0.05
+# The estimates follow a slower engine faster than a quicker one: too low admits requests that
+# end late (a timeout), too high only refuses some that would have fitted (a 503).
 EWMA_ALPHA = 0.2
+EWMA_ALPHA_UP = 0.5
+# Admission: the predicted wait times (1 + margin) must fit before the deadline ([batcher] admit_margin).
+ADMIT_MARGIN = 0.5
+DISPLACED = "miner is overloaded: a request served first (more stake, or an earlier deadline) took this one's turn"
+# A caller that stopped waiting this close to its deadline (or after it) gave up at the deadline:
+# uvloop's timers may fire a little early, by the ms they are rounded to and the loop's cached time.
+AT_DEADLINE_S = 0.05
 
 
 class EngineResult(Protocol):
@@ -83,6 +97,65 @@ class Item:
         return -self.sort_key[0]
 
 
+class BatchTimes:
+    """The engine's time per batch, learnt per batch size (an EWMA of each size's batches).
+
+    Per size, not one average: on a CPU a batch's time grows with its size (16
+    images take ~13 times one here), so one number over a mix of sizes is
+    wrong for every size, and which sizes run changes with the load. An EWMA
+    per size needs no model of how time grows, and under overload, where
+    predictions matter, batches are full and the full size is timed all the
+    time. A size not timed yet is estimated from the sizes that were, never
+    optimistically: between two timed sizes on the line through them; above
+    the largest in proportion to the images (an upper bound when part of a
+    batch's time is fixed overhead); below the smallest as the smallest.
+    The times are what the queue sees: from handing the batch to the worker
+    until its results are back on the event loop.
+    """
+
+    def __init__(
+        self, prior_per_image_s: float = INITIAL_IMAGE_S, alpha: float = EWMA_ALPHA, alpha_up: float = EWMA_ALPHA_UP
+    ) -> None:
+        self._prior = prior_per_image_s
+        self._alpha = alpha
+        self._alpha_up = alpha_up
+        self._by_size: dict[int, float] = {}
+        self._fastest: dict[int, float] = {}
+        self._sizes: list[int] = []  # sorted keys of _by_size
+
+    def add(self, size: int, seconds: float) -> None:
+        old = self._by_size.get(size)
+        if old is None:
+            bisect.insort(self._sizes, size)
+            self._by_size[size] = self._fastest[size] = seconds
+            return
+        self._by_size[size] = old + (self._alpha_up if seconds > old else self._alpha) * (seconds - old)
+        self._fastest[size] = min(self._fastest[size], seconds)
+
+    def estimate(self, size: int) -> float:
+        """Expected seconds for a batch of `size` images."""
+        t = self._by_size.get(size)
+        if t is not None:
+            return t
+        if not self._sizes:
+            return self._prior * size
+        i = bisect.bisect(self._sizes, size)
+        if i == 0:
+            return self._by_size[self._sizes[0]]
+        below = self._sizes[i - 1]
+        if i == len(self._sizes):
+            return self._by_size[below] * size / below
+        above = self._sizes[i]
+        lo, hi = self._by_size[below], self._by_size[above]
+        return lo + (hi - lo) * (size - below) / (above - below)
+
+    def decay(self, factor: float = 0.5) -> None:
+        """Lowers every estimate, none below the fastest batch of its size seen: for when the
+        estimates alone turn requests away (they are learnt only from batches that ran)."""
+        for size, t in self._by_size.items():
+            self._by_size[size] = max(t * factor, self._fastest[size])
+
+
 def collect_batch(queue: list[Item], max_batch: int, now: float, batch_s: float) -> tuple[list[Item], list[Item]]:
     """Pop up to max_batch live items from the heap `queue`.
 
@@ -104,7 +177,7 @@ def collect_batch(queue: list[Item], max_batch: int, now: float, batch_s: float)
 
 
 class Batcher:
-    """Owns the request queue and the loop that feeds the engine worker.
+    """Owns the request queue, admission to it, and the loop that feeds the engine worker.
 
     Args:
         serving: holds the serving engine, read once per batch (hot swap replaces it between batches).
@@ -112,7 +185,10 @@ class Batcher:
         max_batch: largest batch given to the engine.
         max_queue: queued requests beyond this are shed with Overloaded (503).
         max_wait_s: extra wait for a fuller batch when idle (0: none).
+        admit_margin: a request is admitted only if its predicted wait times (1 + admit_margin)
+            ends before its deadline; otherwise Overloaded (503, `predicted_late`) at once.
         stats: counters shared with `svd status`.
+        clock: the time deadlines are given in (time.monotonic, the event loop's clock).
     """
 
     def __init__(
@@ -123,6 +199,7 @@ class Batcher:
         max_batch: int,
         max_queue: int,
         max_wait_s: float = 0.0,
+        admit_margin: float = ADMIT_MARGIN,
         stats: Stats | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -131,13 +208,15 @@ class Batcher:
         self._max_batch = max_batch
         self._max_queue = max_queue
         self._max_wait_s = max_wait_s
+        self._margin = admit_margin
         self.stats = stats or Stats()
         self._clock = clock
         self._queue: list[Item] = []
         self._seq = itertools.count()
         self._wakeup = asyncio.Event()
         self._closed: SvdError | None = None
-        self.batch_s = INITIAL_BATCH_S
+        self.times = BatchTimes()
+        self._running: tuple[int, float] | None = None  # the batch on the engine: its size and start
         self.in_flight = 0
         self.errored: str | None = None
 
@@ -151,21 +230,113 @@ class Batcher:
         """The serving engine's mapping, for decoding the next query."""
         return self._serving.engine.preprocess
 
+    def predicted_wait(self, position: int, queued: int, now: float) -> float:
+        """Seconds from `now` until the batch of the request at `position` in serving order
+        (0: served next) is done, with `queued` requests waiting in all (it included).
+
+        What runs before it, each batch at the time BatchTimes expects for its
+        size: the rest of the batch on the engine, then the full batches of the
+        requests ahead of it, then its own batch. Its own batch is taken as
+        full unless it goes to an idle engine at once (later arrivals may join
+        it while it waits).
+        """
+        remaining = 0.0
+        if self._running is not None:
+            size, started = self._running
+            remaining = max(self.times.estimate(size) - (now - started), 0.0)
+        full = position // self._max_batch
+        at_once = self._running is None and full == 0
+        own = min(queued, self._max_batch) if at_once else self._max_batch
+        return self._max_wait_s + remaining + full * self.times.estimate(self._max_batch) + self.times.estimate(own)
+
+    def admit(self, stake: float, deadline: float) -> None:
+        """Raises what submit() would raise now for a request of this stake and deadline: a check
+        before its body is read and decoded (at 8x overload, most of a refusal's cost). submit()
+        checks again."""
+        if self._closed is not None:
+            raise self._closed
+        key = (-stake, deadline, -1)
+        self._admit(key, self._clock())
+        live = [item.sort_key for item in self._queue if not item.future.done()]
+        if len(live) >= self._max_queue and key >= max(live):
+            raise Overloaded("request queue is full")
+
     def submit(self, image: Decoded | np.ndarray, stake: float, deadline: float) -> asyncio.Future[Prediction]:
-        """Queue one decoded image; the Future resolves to its Prediction."""
+        """Queue one decoded image; the Future resolves to its Prediction.
+
+        Raises Overloaded at once when its predicted answer would miss the
+        deadline, or when the queue is full and it is the least valuable.
+        """
         if self._closed is not None:
             raise self._closed
         decoded, pixels = (image, image.pixels) if isinstance(image, Decoded) else (None, image)
+        now = self._clock()
+        key = (-stake, deadline, next(self._seq))
+        behind = self._admit(key, now)
         future = asyncio.get_running_loop().create_future()
-        item = Item((-stake, deadline, next(self._seq)), pixels, deadline, future, decoded)
+        item = Item(key, pixels, deadline, future, decoded)
         if len(self._queue) >= self._max_queue:
             self._purge_abandoned()
         if len(self._queue) >= self._max_queue:
             self._shed(item)
         heapq.heappush(self._queue, item)
+        if behind:
+            self._shed_displaced(key, now)
+        future.add_done_callback(functools.partial(self._settled, deadline))
         self._worker.set_waiting(True)
         self._wakeup.set()
-        return item.future
+        return future
+
+    def _admit(self, key: tuple[float, float, int], now: float) -> int:
+        """Refuses (Overloaded) a request with this sort key whose predicted wait does not fit its
+        deadline with the margin; else the number of queued requests it would be served before."""
+        ahead = queued = 0
+        for item in self._queue:
+            if not item.future.done():
+                queued += 1
+                ahead += item.sort_key < key
+        wait = self.predicted_wait(ahead, queued + 1, now)
+        deadline = key[1]
+        if now + wait * (1.0 + self._margin) <= deadline:
+            return queued - ahead
+        if ahead == 0 and self._running is None:
+            # Nothing ahead of it and the engine idle: only the estimates turn it away. They
+            # are learnt from batches that ran, so they would never come down again: let them.
+            self.times.decay()
+        raise Overloaded(
+            f"miner is overloaded: answer expected in {wait:.2f} s, the deadline is in {deadline - now:.2f} s",
+            reason="predicted_late",
+        )
+
+    def _shed_displaced(self, newcomer: tuple[float, float, int], now: float) -> None:
+        """A newcomer served before requests already admitted (more stake, or an earlier deadline)
+        pushes them back: each that no longer fits its deadline with the margin gets a 503 now.
+
+        Stake decides, as the queue's order does: admitting the newcomer only
+        if everyone behind it still fits would let a low-stake flood keep a
+        high-stake validator out. A 503 now frees the displaced caller at once,
+        where keeping it would likely end in a timeout at its deadline.
+        """
+        live = sorted(item for item in self._queue if not item.future.done())
+        kept: list[Item] = []
+        for item in live:
+            if item.sort_key > newcomer:
+                wait = self.predicted_wait(len(kept), len(live), now)
+                if now + wait * (1.0 + self._margin) > item.deadline:
+                    item.future.set_exception(Overloaded(DISPLACED, reason="displaced"))
+                    continue
+            kept.append(item)
+        self._queue = kept  # sorted, so a heap
+
+    def _settled(self, deadline: float, future: asyncio.Future[Prediction]) -> None:
+        """Counts an admitted request that still missed its deadline: expired before the engine,
+        or its caller stopped waiting at the deadline (the handler's wait ends there)."""
+        if future.cancelled():
+            late = self._clock() >= deadline - AT_DEADLINE_S
+        else:
+            late = isinstance(future.exception(), RequestTimeout)
+        if late:
+            self.stats.admitted_late += 1
 
     def _purge_abandoned(self) -> None:
         # Callers that gave up (timeout, disconnect) leave done futures in the heap
@@ -196,7 +367,9 @@ class Batcher:
                 await self._wakeup.wait()
                 if self._max_wait_s and len(self._queue) < self._max_batch:
                     await asyncio.sleep(self._max_wait_s)
-                batch, expired = collect_batch(self._queue, self._max_batch, self._clock(), self.batch_s)
+                # Expired here: admitted, yet the engine fell behind the prediction (admitted_late).
+                size = max(min(len(self._queue), self._max_batch), 1)
+                batch, expired = collect_batch(self._queue, self._max_batch, self._clock(), self.times.estimate(size))
                 if not self._queue:
                     self._wakeup.clear()
                 # Hold the idle lane until this batch is on the engine's lane (see _run_batch).
@@ -204,9 +377,9 @@ class Batcher:
                 for item in expired:
                     _fail(item, RequestTimeout("request cannot be answered before its deadline"))
                 if expired and not batch:
-                    # The estimate is only learnt from batches that ran: if it alone turns
-                    # everything away, it would never come down again. Let it decay.
-                    self.batch_s *= 0.5
+                    # The estimates are only learnt from batches that ran: if they alone turn
+                    # everything away, they would never come down again. Let them decay.
+                    self.times.decay()
                 if batch:
                     await self._run_batch(batch)
         except BaseException as e:
@@ -218,6 +391,7 @@ class Batcher:
         identity = engine.identity
         start = self._clock()
         self.in_flight = len(batch)
+        self._running = (len(batch), start)
         try:
             future = self._worker.submit(_infer, engine, batch)
             # The batch is queued on the engine's lane now; requests left behind it keep holding
@@ -239,8 +413,9 @@ class Batcher:
             return
         finally:
             self.in_flight = 0
+            self._running = None
         elapsed = self._clock() - start
-        self.batch_s += EWMA_ALPHA * (elapsed - self.batch_s)
+        self.times.add(len(batch), elapsed)
         self.stats.engine_time.add(elapsed)
         self.stats.batch_sizes[len(batch)] += 1
         # Per-row copies: the sample log keeps rows after the engine may have reused its output buffers.
