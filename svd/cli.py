@@ -193,15 +193,8 @@ def _status(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def _reload(args: argparse.Namespace, cfg: Config) -> int:
-    from svd.control import call
-
-    try:
-        done = call(cfg.socket_path, "reload")
-    except RuntimeError as e:
-        print(f"svd: reload refused: {e}", file=sys.stderr)
-        return 1
-    except OSError as e:
-        print(f"svd: no daemon answers on {cfg.socket_path}: {e}", file=sys.stderr)
+    done = _ask(cfg, "reload")
+    if done is None:
         return 1
     applied, restart = done["applied"], done["restart_needed"]
     print(f"reloaded {done['path']}: " + (f"applied {', '.join(applied)}" if applied else "no live key changed"))
@@ -222,17 +215,23 @@ def _unpin(args: argparse.Namespace, cfg: Config) -> int:
     return _engine_command(cfg, "unpin")
 
 
-def _engine_command(cfg: Config, cmd: str, **request: str) -> int:
+def _ask(cfg: Config, cmd: str, timeout: float = 5.0, **request: str) -> Any:
+    """The daemon's answer to a control command; None (and one line on stderr) when it refuses or is not there."""
     from svd.control import call
 
     try:
-        # Loading, warming up and checking an engine can take a while on a big backbone.
-        engine = call(cfg.socket_path, cmd, timeout=SWAP_TIMEOUT_S, **request)
+        return call(cfg.socket_path, cmd, timeout=timeout, **request)
     except RuntimeError as e:
         print(f"svd: {cmd} refused: {e}", file=sys.stderr)
-        return 1
     except OSError as e:
         print(f"svd: no daemon answers on {cfg.socket_path}: {e}", file=sys.stderr)
+    return None
+
+
+def _engine_command(cfg: Config, cmd: str, **request: str) -> int:
+    # Loading, warming up and checking an engine can take a while on a big backbone.
+    engine = _ask(cfg, cmd, SWAP_TIMEOUT_S, **request)
+    if engine is None:
         return 1
     print(f"serving {engine['name']} v{engine['version']}{' (pinned)' if engine['pinned'] else ''}")
     return 0

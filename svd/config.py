@@ -47,6 +47,16 @@ class ServerConfig:
     # Body bytes all requests in flight hold together; beyond it a new request gets 503 before it is read.
     max_inflight_body_bytes: int = 128_000_000
     max_header_bytes: int = 16_384
+    # A request's line and headers must arrive within this of the connection opening (or of the next
+    # request's first byte); an idle kept-alive connection closes after keepalive_s (docs/request-path.md).
+    header_timeout_s: float = 10.0
+    keepalive_s: float = 30.0
+    # Open connections in all, and from one address; reserved_connections of max_connections are kept
+    # for addresses that made a validly signed request in the last trust_s seconds.
+    max_connections: int = 1024
+    max_connections_per_address: int = 64
+    reserved_connections: int = 128
+    trust_s: float = 7200.0
     # Bittensor dendrites send `timeout` (9 s for NATIX); it is unsigned, so cap it.
     timeout_cap_s: float = 12.0
     default_timeout_s: float = 9.0
@@ -65,6 +75,28 @@ class ServerConfig:
             self.max_inflight_body_bytes,
         )
         _check(self.max_header_bytes >= 1024, "server.max_header_bytes", "an integer >= 1024", self.max_header_bytes)
+        timeout = self.header_timeout_s
+        _check(0 < timeout <= 300, "server.header_timeout_s", "a number in (0, 300]", timeout)
+        _check(
+            self.keepalive_s > 15,
+            "server.keepalive_s",
+            "a number > 15 (aiohttp clients drop idle connections after 15 s: they must close first)",
+            self.keepalive_s,
+        )
+        _check(self.max_connections >= 2, "server.max_connections", "an integer >= 2", self.max_connections)
+        _check(
+            1 <= self.max_connections_per_address <= self.max_connections,
+            "server.max_connections_per_address",
+            "an integer 1..server.max_connections",
+            self.max_connections_per_address,
+        )
+        _check(
+            0 <= self.reserved_connections < self.max_connections,
+            "server.reserved_connections",
+            "an integer >= 0 and < server.max_connections",
+            self.reserved_connections,
+        )
+        _check(self.trust_s > 0, "server.trust_s", "a number > 0", self.trust_s)
         _check(self.timeout_cap_s > 0, "server.timeout_cap_s", "a number > 0", self.timeout_cap_s)
         _check(
             0 < self.default_timeout_s <= self.timeout_cap_s,
@@ -211,12 +243,16 @@ class BatcherConfig:
     max_wait_ms: float = 0.0
     # A single engine call longer than this marks the engine wedged.
     step_timeout_s: float = 10.0
+    # A request is admitted only if its predicted wait, times (1 + admit_margin), ends before its
+    # deadline; otherwise a fast 503 (docs/request-path.md, "Admission").
+    admit_margin: float = 0.5
 
     def validate(self) -> None:
         _check(1 <= self.max_batch <= 1024, "batcher.max_batch", "an integer 1..1024", self.max_batch)
         _check(self.max_queue >= self.max_batch, "batcher.max_queue", "an integer >= batcher.max_batch", self.max_queue)
         _check(0 <= self.max_wait_ms <= 1000, "batcher.max_wait_ms", "a number 0..1000", self.max_wait_ms)
         _check(self.step_timeout_s > 0, "batcher.step_timeout_s", "a number > 0", self.step_timeout_s)
+        _check(0 <= self.admit_margin <= 4, "batcher.admit_margin", "a number 0..4", self.admit_margin)
 
 
 @dataclass(frozen=True)
@@ -248,9 +284,14 @@ class DaemonConfig:
     log_format: str = "auto"
     # `svd doctor` and `svd status` warn when no validator query came for this many hours.
     no_query_warn_h: float = 6.0
+    # The daemon's RSS budget (svd.serve.memory); above it, strangers' new connections are refused.
+    # 0: half of this machine's memory.
+    memory_budget_mb: int = 0
 
     def validate(self) -> None:
         _check(0 <= self.shutdown_grace_s <= 600, "daemon.shutdown_grace_s", "a number 0..600", self.shutdown_grace_s)
+        _check(self.memory_budget_mb >= 0, "daemon.memory_budget_mb", "an integer >= 0 (0: half the RAM)",
+               self.memory_budget_mb)  # fmt: skip
         _check(self.no_query_warn_h > 0, "daemon.no_query_warn_h", "a number of hours > 0", self.no_query_warn_h)
         levels = ("debug", "info", "warning", "error")
         _check(self.log_level in levels, "daemon.log_level", f"one of {', '.join(levels)}", self.log_level)

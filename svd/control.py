@@ -101,3 +101,15 @@ def call(path: Path, cmd: str, timeout: float = 5.0, **args: Any) -> Any:
     if not reply.get("ok"):
         raise RuntimeError(reply.get("error", "daemon refused the command"))
     return reply["result"]
+
+
+def running_status(path: Path, timeout: float = 2.0) -> dict[str, Any] | None:
+    """The running daemon's status over its control socket at `path`, or None when nothing answers
+    (no socket, a stale one, or no svd behind it): for commands that say more when a daemon runs."""
+    if not path.exists():
+        return None
+    try:
+        status = call(path, "status", timeout=timeout)
+    except (OSError, RuntimeError, ValueError):
+        return None
+    return status if isinstance(status, dict) else None

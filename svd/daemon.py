@@ -43,9 +43,11 @@ from svd.process import StartupError, bind_listener, bounded, lock_state_dir, re
 from svd.reload import ConfigReloader
 from svd.samples.db import DatabaseError
 from svd.samples.log import SampleLog
+from svd.serve import memory
 from svd.serve.auth import Authenticator, rules_from_config
 from svd.serve.batcher import Batcher
 from svd.serve.chain import Bittensor11Source, ChainSnapshot, ChainSource, ChainSync, OfflineSource
+from svd.serve.connections import ConnectionLimits, Gate, GuardedSite
 from svd.serve.decode import DecodeLimits
 from svd.serve.server import Frontend
 from svd.serve.wallet import load_hotkey
@@ -86,6 +88,12 @@ class Daemon:
         self.handle_signals = handle_signals
         self.notifier = notifier or Notifier()
         self.stats = Stats()
+        s = cfg.server
+        self.gate = Gate(
+            ConnectionLimits(
+                s.max_connections, s.max_connections_per_address, s.reserved_connections, s.header_timeout_s, s.trust_s
+            )
+        )
         # svd bench signs with the development key: its queries are marked, never "the last validator query".
         self.validators = ValidatorLog(dev_hotkeys=(DEV_HOTKEY,))
         self.state = "starting"
@@ -159,6 +167,7 @@ class Daemon:
             max_queue=cfg.batcher.max_queue,
             max_wait_s=cfg.batcher.max_wait_ms / 1000,
             stats=self.stats,
+            admit_margin=cfg.batcher.admit_margin,
         )
         self.spawn("batcher", self.batcher.run())
         if self.samples is not None:
@@ -184,6 +193,9 @@ class Daemon:
             self._watcher = EngineWatcher(self.hotswap, cfg.engines_dir, cfg.engine.watch_debounce_ms)
             self.spawn("engine_watcher", self._watcher.run())
         self.spawn("health", self._health_loop())
+        budget = memory.budget_bytes(cfg)
+        memory.check_budget(cfg, budget, baseline=memory.rss_bytes())
+        self.spawn("memory", memory.watch(self.gate, budget))
         self.spawn("reload", self.reloader.on_signal(self.reload_requested, self.notifier, self._rescan_engines))
         self.spawn("validators", keep_record(self.validators, cfg.validators_path))
         self.trainer.start()
@@ -333,6 +345,8 @@ class Daemon:
             engine_ms=s.engine_time.summary_ms() if percentiles else {},
             samples=self.samples.status() if self.samples else {"enabled": False},
             train=self.trainer.status() if self.trainer else {"enabled": False},
+            connections=self.gate.status(),
+            admitted_late=s.admitted_late,
             validators={**self.validators.status(), "warn_h": self.cfg.daemon.no_query_warn_h},
         )
 
@@ -387,6 +401,7 @@ class Daemon:
             stats=self.stats,
             validators=self.validators,
             samples=self.samples,
+            gate=self.gate,
         )
         self._runner = web.AppRunner(
             self.frontend.make_app(),
@@ -397,10 +412,11 @@ class Daemon:
             shutdown_timeout=cfg.daemon.shutdown_grace_s,
             max_field_size=cfg.server.max_header_bytes,
             max_line_size=cfg.server.max_header_bytes,
+            keepalive_timeout=cfg.server.keepalive_s,
         )
         await self._runner.setup()
         assert self._sock is not None
-        site = web.SockSite(self._runner, self._sock)
+        site = GuardedSite(self._runner, self._sock, self.gate)
         await site.start()  # listens; the server owns the socket from here
         self.port = int(self._sock.getsockname()[1])
         self._sock = None

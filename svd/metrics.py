@@ -61,6 +61,7 @@ class _Collector:
         yield from _samples(s.get("samples") or {})
         yield from _chain(s.get("chain") or {})
         yield from _train(s.get("train") or {})
+        yield from _connections(s.get("connections") or {})
         yield from _validators(s.get("validators") or {})
 
 
@@ -70,6 +71,20 @@ def _process(s: dict[str, Any]) -> Iterator[Metric]:
     yield GaugeMetricFamily(
         "svd_errored", "1 when the daemon is unhealthy (svd status says why)", value=int(bool(s["errored"]))
     )
+
+
+def _connections(c: dict[str, Any]) -> Iterator[Metric]:
+    if not c:
+        return
+    yield GaugeMetricFamily("svd_connections_open", "open connections to the validator port", value=c["open"])
+    for name, what, counts in (
+        ("svd_connections_refused", "connections closed unread at a cap, by cap", c["refused"]),
+        ("svd_connections_dropped", "connections cut off, by reason (header_timeout)", c["dropped"]),
+    ):
+        family = CounterMetricFamily(name, what, labels=["reason"])
+        for reason, n in sorted(counts.items()):
+            family.add_metric([reason], n)
+        yield family
 
 
 def _requests(s: dict[str, Any], stats: Stats) -> Iterator[Metric]:
@@ -89,6 +104,9 @@ def _requests(s: dict[str, Any], stats: Stats) -> Iterator[Metric]:
         batches.add_metric([size], n)
     yield batches
     yield CounterMetricFamily("svd_batches_failed", "engine batches that failed", value=s["batches_failed"])
+    yield CounterMetricFamily(
+        "svd_requests_admitted_late", "admitted requests not answered before their deadline", value=stats.admitted_late
+    )
     yield _histogram("svd_request_latency_seconds", "arrival to answer of served requests", stats.latency)
     yield _histogram("svd_decode_seconds", "base64 to pixels per image", stats.decode_time)
     yield _histogram("svd_engine_batch_seconds", "engine time per batch", stats.engine_time)

@@ -64,6 +64,8 @@ class Stats:
     failed: Counter[str] = field(default_factory=Counter)
     batch_sizes: Counter[int] = field(default_factory=Counter)
     batches_failed: int = 0
+    # Admitted by the batcher, yet not answered before the deadline (its prediction was wrong).
+    admitted_late: int = 0
     latency: Window = field(default_factory=Window)
     decode_time: Window = field(default_factory=Window)
     engine_time: Window = field(default_factory=Window)
@@ -98,8 +100,12 @@ class StatusSnapshot:
     engine_ms: dict[str, float]
     samples: dict[str, Any] = field(default_factory=dict)
     train: dict[str, Any] = field(default_factory=dict)
+    # Open connections, refused and cut off by reason (svd.serve.connections.Gate.status()).
+    connections: dict[str, Any] = field(default_factory=dict)
     # ValidatorLog.status(), and `warn_h` ([daemon] no_query_warn_h).
     validators: dict[str, Any] = field(default_factory=dict)
+    # Stats.admitted_late (None: not reported).
+    admitted_late: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -122,6 +128,8 @@ def render_table(s: dict[str, Any], now: float | None = None) -> str:
         ("served", str(s["served"])),
         ("refused", _counts(s["refused"])),
         ("failed", _counts(s["failed"])),
+        ("admitted but late", "not reported" if s.get("admitted_late") is None else str(s["admitted_late"])),
+        ("connections", _connections(s.get("connections") or {})),
         ("queue / in flight", f"{s['queue_depth']} / {s['in_flight']}"),
         ("batch sizes", _counts(s["batch_sizes"]) + f"  (failed batches: {s['batches_failed']})"),
         ("latency ms", _timing(s["latency_ms"])),
@@ -290,6 +298,13 @@ def _train(t: dict[str, Any]) -> str:
         elif last.get("reason"):
             line += PAD + textwrap.shorten(last["reason"], REASON_CHARS, placeholder=" ...")
     return line
+
+
+def _connections(c: dict[str, Any]) -> str:
+    if not c:
+        return "not reported"
+    line = f"{c['open']} open (peak {c['peak']}) from {c['addresses']} addresses, {c['trusted']} signed callers"
+    return line + f"; refused {_counts(c['refused'])}; cut off {_counts(c['dropped'])}"
 
 
 def _counts(c: dict[str, int]) -> str:

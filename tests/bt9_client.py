@@ -45,6 +45,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--route", choices=("ImageSynapse", "ExtendedImageSynapse"), default="ExtendedImageSynapse")
     p.add_argument("--testnet-label", type=int, default=-1)
     p.add_argument("--tamper", choices=TAMPER_MODES, default="none")
+    p.add_argument("--pause", type=float, default=0.0, help="seconds between two queries (keep-alive idles)")
     return p.parse_args(argv)
 
 
@@ -170,6 +171,8 @@ async def run(args: argparse.Namespace, images: list[Path], out: TextIO) -> None
             for image in images:
                 image_b64 = base64.b64encode(image.read_bytes()).decode()
                 synapse = synapse_cls(image=image_b64, testnet_label=args.testnet_label)
+                if args.pause and image != images[0]:
+                    await asyncio.sleep(args.pause)
                 emit(image, 1, await dendrite.forward(axon, synapse, timeout=args.timeout, deserialize=False))
                 if args.tamper == "replay":
                     emit(image, 2, await repost(dendrite, recorder, synapse_cls()))

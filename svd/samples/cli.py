@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from svd.config import Config, SamplesConfig
-from svd.control import call
+from svd.control import running_status
 from svd.samples.db import (
     IMAGE_SUFFIXES,
     LABEL_SQL,
@@ -244,13 +244,8 @@ def _print_counts(conn: sqlite3.Connection, cfg: Config, as_json: bool) -> None:
 
 def daemon_samples(cfg: Config) -> dict[str, Any] | None:
     """The running daemon's sample counters since its start (SampleLog.status()), or None when none answers."""
-    if not cfg.socket_path.exists():
-        return None
-    try:
-        status = call(cfg.socket_path, "status", timeout=STATUS_TIMEOUT_S)
-    except (OSError, RuntimeError, ValueError):  # a stale socket, or no svd behind it
-        return None
-    samples = status.get("samples") if isinstance(status, dict) else None
+    status = running_status(cfg.socket_path, STATUS_TIMEOUT_S)
+    samples = status.get("samples") if status is not None else None
     return samples if isinstance(samples, dict) else None
 
 

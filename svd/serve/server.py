@@ -34,6 +34,7 @@ from svd.samples.log import SampleLog
 from svd.serve import btauth, protocol
 from svd.serve.auth import Authenticator, Caller
 from svd.serve.batcher import Batcher, Prediction
+from svd.serve.connections import Gate, head_deadline
 from svd.serve.decode import Decoded, DecodeLimits, decode
 from svd.status import Stats
 from svd.validators import ValidatorLog
@@ -98,13 +99,14 @@ class Frontend:
     stats: Stats
     validators: ValidatorLog  # who asked: every caller past authentication, with its last status
     samples: SampleLog | None = None  # None when [samples] is off
+    gate: Gate | None = None  # connection limits; a signed request earns its address the reserved room
 
     def __post_init__(self) -> None:
         self.bodies = BodyBudget(self.cfg.max_inflight_body_bytes)
 
     def make_app(self) -> web.Application:
         # Body size is enforced by aiohttp while reading (413), before JSON parsing.
-        app = web.Application(client_max_size=self.cfg.max_body_bytes)
+        app = web.Application(client_max_size=self.cfg.max_body_bytes, middlewares=[head_deadline])
         for route in protocol.ROUTES:
             app.router.add_post(f"/{route}", self.handle)
         return app
@@ -120,12 +122,16 @@ class Frontend:
             if btauth.is_btauth(request.headers):
                 deadline = start + max(timeout - self.cfg.response_margin_s, 0.0)
                 identity, raw, claimed = await self._btauth(request, deadline)
+                self._trust(request)
             else:
                 caller = protocol.parse_headers(request.headers)
                 identity = self.auth.check(caller)
+                self._trust(request)
                 if caller.timeout is not None:
                     timeout = min(caller.timeout, self.cfg.timeout_cap_s)
                 deadline = start + max(timeout - self.cfg.response_margin_s, 0.0)
+                _check_time_left(deadline)
+                self.batcher.admit(identity.stake, deadline)  # before the body is read and decoded
                 claimed = self._claim_body(request, identity.hotkey)
                 raw = await _read_body(request, deadline)
             query = protocol.parse_body(raw)
@@ -167,6 +173,8 @@ class Frontend:
         if h.receiver != self.auth.own_hotkey:
             raise Unauthorized("request is addressed to another hotkey", reason="foreign_receiver")
         stake = self.auth.admit(h.hotkey)
+        _check_time_left(deadline)
+        self.batcher.admit(stake, deadline)  # before the body is read and checked and decoded
         claimed = self._claim_body(request, h.hotkey)
         try:
             raw = await _read_body(request, deadline)
@@ -176,6 +184,11 @@ class Frontend:
             self.bodies.release(claimed, h.hotkey)
             raise
         return self.auth.charge(h.hotkey, btauth.PROTOCOL, h.nonce, stake), raw, claimed
+
+    def _trust(self, request: web.Request) -> None:
+        """The signature checked out: this address's connections may use the reserved room."""
+        if self.gate is not None and request.remote:
+            self.gate.trust(request.remote)
 
     def _claim_body(self, request: web.Request, hotkey: str) -> int:
         """The body's share of the in-flight budget, claimed for `hotkey` before a byte of it is read."""
@@ -243,10 +256,14 @@ class Frontend:
         )
 
 
-async def _read_body(request: web.Request, deadline: float) -> bytes:
-    remaining = deadline - time.monotonic()
-    if remaining <= 0:
+def _check_time_left(deadline: float) -> None:
+    if deadline <= time.monotonic():
         raise RequestTimeout("the caller's timeout leaves no time to answer")
+
+
+async def _read_body(request: web.Request, deadline: float) -> bytes:
+    _check_time_left(deadline)
+    remaining = deadline - time.monotonic()
     # aiohttp has no read timeout: a client that stops mid-body would hold the handler forever.
     # asyncio.timeout, not wait_for: wait_for's extra task kept each refused 2 MB body alive
     # in a reference cycle until the next full GC.

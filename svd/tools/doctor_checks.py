@@ -34,7 +34,7 @@ from typing import Any
 import structlog
 
 from svd.config import DEFAULT_CONFIG, DEV_HOTKEY, Config
-from svd.control import call
+from svd.control import running_status
 from svd.engine.backends.select import choose_backend
 from svd.engine.load import newest_engine
 from svd.engine.manifest import EngineError, Manifest, verify_engine_dir
@@ -180,13 +180,7 @@ def _port(p: _Probe) -> Verdict:
 
 
 def _running_daemon(cfg: Config) -> dict[str, Any] | None:
-    if not cfg.socket_path.exists():
-        return None
-    try:
-        status = call(cfg.socket_path, "status", timeout=STATUS_TIMEOUT_S)
-    except (OSError, RuntimeError, ValueError):  # a stale socket, or no svd behind it
-        return None
-    return status if isinstance(status, dict) else None
+    return running_status(cfg.socket_path, STATUS_TIMEOUT_S)
 
 
 def _bind_test(host: str, port: int) -> None:
