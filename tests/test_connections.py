@@ -54,6 +54,13 @@ def test_the_gate_caps_an_address_and_the_total_and_keeps_room_for_the_trusted()
     now[0] = 61.0  # trust expires
     gate.closed("v")
     assert gate.admit("v") == "total" and gate.refused == {"per_address": 1, "total": 4}
+    # A stranger's connection still waiting for its head gives way to a newcomer, oldest first.
+    evicted: list[str] = []
+    gate.waiting(1, lambda: (evicted.append("b"), gate.closed("b")))
+    gate.waiting(2, lambda: (evicted.append("a"), gate.closed("a")))
+    assert gate.admit("d") is None and evicted == ["b"] and gate.dropped == {"evicted": 1}
+    gate.not_waiting(2)  # its head arrived: no longer a candidate
+    assert gate.admit("e") == "total" and evicted == ["b"]
 
 
 async def test_a_slow_head_is_cut_off_after_the_header_timeout(config: Config) -> None:
@@ -101,20 +108,24 @@ async def test_caps_close_new_connections_at_once_and_a_validator_still_gets_in(
         extra, extra_w = await open_from("127.0.0.2", d.port)
         assert await closed_by_peer(extra, within_s=2.0)  # a 4th from that address: closed unread
         held += [await open_from(f"127.0.0.{3 + i}", d.port) for i in range(3)]  # 6 open: 8 - 2 reserved
+        # Full for strangers: a newcomer takes the place of the oldest one still waiting for its head.
         stranger, stranger_w = await open_from("127.0.0.9", d.port)
-        assert await closed_by_peer(stranger, within_s=2.0)
-        assert gate_status(d)["refused"] == {"per_address": 1, "total": 1}
+        stranger_w.write(b"GET /ImageSynapse HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert (await stranger.readline()).startswith(b"HTTP/1.1 405")  # in, and answered
+        assert await closed_by_peer(held[0][0], within_s=2.0)  # the oldest waiting one, cut off
+        status = gate_status(d)
+        assert status["refused"] == {"per_address": 1} and status["dropped"] == {"evicted": 1}
         # The signed caller's address uses the reserved room: connected and answered.
         status, body, _ = await query(d.port, miner, jpegs_b64[1])
         assert status == 200 and 0.0 <= body["prediction"] <= 1.0
         # The same counts in svd status's table and on the metrics endpoint.
         table = render_table(d.snapshot().to_dict())
-        assert "refused per_address=1, total=1; cut off none" in table
+        assert "refused per_address=1; cut off evicted=1" in table
         assert d.metrics is not None
         async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{d.metrics.port}/metrics") as r:
             text = await r.text()
         assert 'svd_connections_refused_total{reason="per_address"} 1.0' in text
-        assert 'svd_connections_refused_total{reason="total"} 1.0' in text and "svd_connections_open 6.0" in text
+        assert 'svd_connections_dropped_total{reason="evicted"} 1.0' in text and "svd_connections_open 6.0" in text
         for _, writer in [*held, (extra, extra_w), (stranger, stranger_w)]:
             writer.close()
 

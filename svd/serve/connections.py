@@ -7,8 +7,12 @@ for every connection, before aiohttp reads anything (`GuardedHandler`):
 - at most `max_connections_per_address` open from one address, and
   `max_connections` in all, of which `reserved_connections` are kept for
   addresses that made a validly signed request in the last `trust_s`: a flood
-  from elsewhere never starves a validator. Beyond a cap the connection is
-  aborted at once (no read, no answer), counted by reason;
+  from elsewhere never starves a validator. When the room for strangers is
+  full, a newcomer takes the place of the oldest stranger's connection that is
+  still waiting for its request head (it has sent nothing useful yet): a
+  validator's first connection gets in even through a flood of slow heads, and
+  is trusted once its signed request is checked. With no such connection to
+  take, the newcomer is aborted at once (no read, no answer). Both counted;
 - the request line and headers must arrive within `header_timeout_s` of the
   connection opening, or of the first byte of the next request on a kept-alive
   one (bytes are bounded by `max_header_bytes`, checked by aiohttp's parser);
@@ -62,7 +66,9 @@ class Gate:
         self._by_address: Counter[str] = Counter()
         self._trusted: OrderedDict[str, float] = OrderedDict()  # address -> last signed request
         self.refused: Counter[str] = Counter()  # never admitted, by cap
-        self.dropped: Counter[str] = Counter()  # admitted, then cut off (header_timeout)
+        self.dropped: Counter[str] = Counter()  # admitted, then cut off (header_timeout, evicted)
+        # Strangers' connections still waiting for a request head, oldest first: what a newcomer may evict.
+        self._waiting: OrderedDict[int, Callable[[], None]] = OrderedDict()
         # Set while the daemon's RSS is above its budget (svd.serve.memory): new connections from
         # addresses that never signed a request are refused until it is below again.
         self.memory_tight = False
@@ -86,7 +92,9 @@ class Gate:
             reason = "memory"
         elif not trusted and self._by_address[address] >= lim.max_per_address:
             reason = "per_address"
-        elif self.open >= (lim.max_connections if trusted else lim.max_connections - lim.reserved):
+        elif (
+            self.open >= (lim.max_connections if trusted else lim.max_connections - lim.reserved) and not self._evict()
+        ):
             reason = "total"
         else:
             self.open += 1
@@ -95,6 +103,23 @@ class Gate:
             return None
         self.refused[reason] += 1
         return reason
+
+    def waiting(self, key: int, evict: Callable[[], None]) -> None:
+        """A stranger's connection waits for its request head: `evict` closes it to make room."""
+        self._waiting[key] = evict
+        self._waiting.move_to_end(key)
+
+    def not_waiting(self, key: int) -> None:
+        self._waiting.pop(key, None)
+
+    def _evict(self) -> bool:
+        """Closes the oldest stranger's connection still waiting for its head; False when there is none."""
+        if not self._waiting:
+            return False
+        _, evict = self._waiting.popitem(last=False)
+        evict()  # counts it closed at once: the newcomer takes its place
+        self.dropped["evicted"] += 1
+        return True
 
     def closed(self, address: str) -> None:
         self.open -= 1
@@ -125,7 +150,8 @@ class GuardedHandler(RequestHandler):
     def __init__(self, manager: Any, gate: Gate, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self._gate = gate
-        self._address: str | None = None  # set once admitted
+        self._address: str | None = None  # set while the gate counts it open
+        self._made = False  # aiohttp's connection_made ran: its connection_lost must run too
         self._head_timer: asyncio.TimerHandle | None = None
         self._in_request = False
         self._transport: asyncio.Transport | None = None
@@ -139,16 +165,20 @@ class GuardedHandler(RequestHandler):
             return
         self._address = address
         self._transport = tcp
+        self._made = True
         super().connection_made(transport)
         self._arm()
 
     def connection_lost(self, exc: BaseException | None) -> None:
-        if self._address is None:  # refused by the gate: aiohttp never knew it
-            return
-        self._gate.closed(self._address)
-        self._address = None
         self._disarm()
-        super().connection_lost(exc)
+        self._uncount()
+        if self._made:  # refused by the gate: aiohttp never knew it
+            super().connection_lost(exc)
+
+    def _uncount(self) -> None:
+        if self._address is not None:
+            self._gate.closed(self._address)
+            self._address = None
 
     def data_received(self, data: bytes) -> None:
         if self._head_timer is None and not self._in_request and data:
@@ -166,19 +196,32 @@ class GuardedHandler(RequestHandler):
     def _arm(self) -> None:
         self._disarm()
         self._head_timer = self._loop.call_later(self._gate.limits.header_timeout_s, self._head_late)
+        if self._address is not None and not self._gate.trusted(self._address):
+            self._gate.waiting(id(self), self._evicted)
 
     def _disarm(self) -> None:
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
+        self._gate.not_waiting(id(self))
 
     def _head_late(self) -> None:
         self._head_timer = None
-        if self._in_request or self._transport is None:
+        if self._in_request:
             return
         self._gate.dropped["header_timeout"] += 1
-        self.force_close()
-        self._transport.abort()
+        self._cut()
+
+    def _evicted(self) -> None:
+        self._disarm()
+        self._uncount()  # at once: the newcomer that evicts it takes its place in the count
+        self._cut()
+
+    def _cut(self) -> None:
+        self._gate.not_waiting(id(self))
+        if self._transport is not None:
+            self.force_close()
+            self._transport.abort()
 
 
 @web.middleware

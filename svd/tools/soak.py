@@ -155,7 +155,7 @@ class Soak:
                 await r.read()
                 tally.add(str(r.status), time.perf_counter() - t0)
         except (aiohttp.ClientError, TimeoutError) as e:
-            tally.add(type(e).__name__)
+            tally.add(f"{type(e).__name__}: {str(e)[:60]}")
 
     async def paced(self, uri: str, source: str, rate: float, images: list[str], tally: Tally, until: float) -> None:
         """Open loop at `rate` per second (Poisson arrivals) until `until` (monotonic) or stop."""
