@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
@@ -56,8 +57,16 @@ def test_the_gate_caps_an_address_and_the_total_and_keeps_room_for_the_trusted()
     assert gate.admit("v") == "total" and gate.refused == {"per_address": 1, "total": 4}
     # A stranger's connection still waiting for its head gives way to a newcomer, oldest first.
     evicted: list[str] = []
-    gate.waiting(1, lambda: (evicted.append("b"), gate.closed("b")))
-    gate.waiting(2, lambda: (evicted.append("a"), gate.closed("a")))
+
+    def evict(address: str) -> Callable[[], None]:
+        def closed() -> None:
+            evicted.append(address)
+            gate.closed(address)
+
+        return closed
+
+    gate.waiting(1, evict("b"))
+    gate.waiting(2, evict("a"))
     assert gate.admit("d") is None and evicted == ["b"] and gate.dropped == {"evicted": 1}
     gate.not_waiting(2)  # its head arrived: no longer a candidate
     assert gate.admit("e") == "total" and evicted == ["b"]
@@ -113,8 +122,8 @@ async def test_caps_close_new_connections_at_once_and_a_validator_still_gets_in(
         stranger_w.write(b"GET /ImageSynapse HTTP/1.1\r\nHost: x\r\n\r\n")
         assert (await stranger.readline()).startswith(b"HTTP/1.1 405")  # in, and answered
         assert await closed_by_peer(held[0][0], within_s=2.0)  # the oldest waiting one, cut off
-        status = gate_status(d)
-        assert status["refused"] == {"per_address": 1} and status["dropped"] == {"evicted": 1}
+        counts = gate_status(d)
+        assert counts["refused"] == {"per_address": 1} and counts["dropped"] == {"evicted": 1}
         # The signed caller's address uses the reserved room: connected and answered.
         status, body, _ = await query(d.port, miner, jpegs_b64[1])
         assert status == 200 and 0.0 <= body["prediction"] <= 1.0
