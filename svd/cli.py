@@ -1,4 +1,4 @@
-"""`svd run|status|reload|swap|rollback|unpin|build-engine|train|demo-data|samples|review|publish|register|doctor|...`.
+"""`svd run|status|reload|swap|rollback|unpin|build-engine|train|synth|demo-data|samples|review|publish|...`.
 
 The only place that exits the process."""
 
@@ -24,6 +24,7 @@ TOOL_COMMANDS = (
     ("samples", "stored samples by band, label, source and day; export a selection", "svd.samples.cli"),
     ("review", "label stored samples in the FiftyOne App: export, then import", "svd.samples.review"),
     ("train", "the learning loop: run now, pause, resume, status; or --standalone", "svd.train.cli"),
+    ("synth", "synthetic training images as validators make theirs: now, pause, resume, stop", "svd.train.synth.cli"),
     ("demo-data", "write a generated street-scene data set in the NATIX parquet format", "svd.train.demo_data"),
     ("publish", "upload the serving engine's head, manifest and model_card.json to HF", "svd.tools.publish"),
     ("register", "register the miner with NATIX's application server", "svd.tools.register"),

@@ -360,6 +360,69 @@ class MetricsConfig:
         _check(bool(self.host), "metrics.host", "an address to listen on", self.host)
 
 
+SYNTH_DEVICES = ("auto", "cuda", "cpu")
+SYNTH_DTYPES = ("float16", "bfloat16", "float32")
+
+
+@dataclass(frozen=True)
+class SynthConfig:
+    """Synthetic training images made the way validators make theirs (docs/synth.md)."""
+
+    # The nightly job; `svd synth now` works whether or not this is on.
+    enabled: bool = False
+    # Cron in the daemon's local time; before [train] schedule, so the night's run takes the images up.
+    schedule: str = "0 1 * * *"
+    misfire_grace_s: int = 3600
+    # Images per nightly job (svd synth now --count overrides).
+    count: int = 200
+    # The SDXL pipeline: a hub repo id read from the local Hugging Face cache (never downloaded), or a
+    # folder saved by diffusers' save_pretrained. Image-to-image shares its weights.
+    model: str = "stabilityai/stable-diffusion-xl-base-1.0"
+    # The weight files' variant in the repo ("fp16"), or "" for the plain ones.
+    variant: str = "fp16"
+    dtype: str = "float16"
+    # auto: cuda when there is one, else cpu (which generation refuses unless allow_cpu, or --force).
+    device: str = "auto"
+    allow_cpu: bool = False
+    # diffusers' model CPU offload: less GPU memory beside the serving engine, slower images.
+    offload: bool = False
+    # As validators generate (protocol.md, "The validator of today").
+    steps: int = 25
+    guidance: float = 8.5
+    strength: float = 0.7
+    # Text-to-image output side; image-to-image sources with a side above it are squashed to it.
+    size: int = 1024
+    # Shares of image-to-image among the images, and of label 1 (roadwork).
+    i2i_share: float = 0.5
+    roadwork_share: float = 0.5
+    # The synthetic image folder's bound on disk; the oldest images go first.
+    disk_budget_mb: int = 2048
+    # The folder as a training source (synthetic kind) and its weight beside [[train.sources]].
+    use_in_training: bool = True
+    weight: float = 1.0
+    # 0: a new seed per job; else the same images every time (tests, comparisons).
+    seed: int = 0
+
+    def validate(self) -> None:
+        _check(_is_cron(self.schedule), "synth.schedule", 'a 5-field cron line such as "0 1 * * *"', self.schedule)
+        _check(self.misfire_grace_s >= 1, "synth.misfire_grace_s", "an integer >= 1", self.misfire_grace_s)
+        _check(1 <= self.count <= 100_000, "synth.count", "an integer from 1 to 100000", self.count)
+        _check(bool(self.model.strip()), "synth.model", "a hub repo id or a folder", self.model)
+        _check(self.dtype in SYNTH_DTYPES, "synth.dtype", f"one of {', '.join(SYNTH_DTYPES)}", self.dtype)
+        _check(self.device in SYNTH_DEVICES, "synth.device", f"one of {', '.join(SYNTH_DEVICES)}", self.device)
+        _check(1 <= self.steps <= 200, "synth.steps", "an integer from 1 to 200", self.steps)
+        _check(0 <= self.guidance <= 50, "synth.guidance", "a number from 0 to 50", self.guidance)
+        _check(0 < self.strength <= 1, "synth.strength", "a number in (0, 1]", self.strength)
+        _check(
+            64 <= self.size <= 2048 and self.size % 8 == 0, "synth.size", "a multiple of 8 from 64 to 2048", self.size
+        )
+        _check(0 <= self.i2i_share <= 1, "synth.i2i_share", "a number from 0 to 1", self.i2i_share)
+        _check(0 <= self.roadwork_share <= 1, "synth.roadwork_share", "a number from 0 to 1", self.roadwork_share)
+        _check(self.disk_budget_mb >= 1, "synth.disk_budget_mb", "an integer >= 1", self.disk_budget_mb)
+        _check(self.weight >= 0, "synth.weight", "a number >= 0", self.weight)
+        _check(self.seed >= 0, "synth.seed", "an integer >= 0", self.seed)
+
+
 @dataclass(frozen=True)
 class RegisterConfig:
     # NATIX's application server, where `svd register` registers the miner (the subnet's register.sh).
@@ -505,6 +568,7 @@ class Config:
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     samples: SamplesConfig = field(default_factory=SamplesConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    synth: SynthConfig = field(default_factory=SynthConfig)
     register: RegisterConfig = field(default_factory=RegisterConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     # Relative paths in the config resolve against this directory.
@@ -531,6 +595,17 @@ class Config:
     def train_dir(self) -> Path:
         """Run reports and history (state/train)."""
         return self.state_dir / "train"
+
+    @property
+    def synth_dir(self) -> Path:
+        """Synthetic training images, one folder per label (state/synth)."""
+        return self.state_dir / "synth"
+
+    @property
+    def synth_model(self) -> str:
+        """[synth] model as a folder resolved like the config's other paths when it is one, else the repo id."""
+        folder = self._resolve(self.synth.model)
+        return str(folder) if folder.is_dir() else self.synth.model
 
     def source_path(self, path: str) -> Path:
         """A train source's path, resolved like every other path in the config."""
@@ -571,14 +646,15 @@ def load_config(path: Path | None) -> Config:
 
 # The keys a running daemon takes on at `svd reload` or SIGHUP; a section's name stands for all its keys.
 # A change to any other key is named as needing a restart and is not applied: it sizes or opens something
-# at start (ports, thread pools, queues, the engine, the wallet, the chain, files). [train] is read when a
-# run starts; [samples] by the sample log at each offer, flush and retention pass, except whether it is on
+# at start (ports, thread pools, queues, the engine, the wallet, the chain, files). [train] and [synth] are
+# read when a run starts; [samples] by the sample log at each offer, flush and retention pass, except whether it is on
 # and where its database is; [auth] by each request's checks, except the mode (allowlist or chain) and the
 # nonce window (the replay ledger has forgotten nonces older than the window it had: widened at once, it
 # would let them replay); the log setup is redone; [register] only `svd register` reads, never the daemon.
 LIVE_KEYS = frozenset(
     {
         "train",
+        "synth",
         "register",
         "auth.require_registered",
         "auth.require_validator_permit",

@@ -53,6 +53,7 @@ from svd.serve.server import Frontend
 from svd.serve.wallet import load_hotkey
 from svd.status import Stats, StatusSnapshot
 from svd.train.schedule import TrainScheduler
+from svd.train.synth.schedule import SynthScheduler
 from svd.validators import ValidatorLog, keep_record, load_record, save_record
 
 log = structlog.get_logger(__name__)
@@ -111,6 +112,7 @@ class Daemon:
         self.batcher: Batcher | None = None
         self.hotswap: HotSwap | None = None
         self.trainer: TrainScheduler | None = None
+        self.synth: SynthScheduler | None = None
         self.metrics: MetricsServer | None = None
         self._watcher: EngineWatcher | None = None
         self.frontend: Frontend | None = None
@@ -174,10 +176,12 @@ class Daemon:
             self.spawn("samples_writer", self.samples.run(), on_error=self.samples.writer_died)
         self.hotswap = HotSwap(self.serving, worker, cfg.engine, cfg.engines_dir)
         self.trainer = TrainScheduler(cfg, worker, self.serving, self.spawn)
+        self.synth = SynthScheduler(cfg, worker, self.spawn)
         commands = {
             "status": lambda _: {**self.snapshot().to_dict(), "config": self.reloader.status()},
             **self.hotswap.commands(),
             **self.trainer.commands(),
+            **self.synth.commands(),
             **self.reloader.commands(),
         }
         self._control = ControlServer(cfg.socket_path, commands)
@@ -199,6 +203,7 @@ class Daemon:
         self.spawn("reload", self.reloader.on_signal(self.reload_requested, self.notifier, self._rescan_engines))
         self.spawn("validators", keep_record(self.validators, cfg.validators_path))
         self.trainer.start()
+        self.synth.start()
         self.state = "serving"
         self.started.set()
         self.notifier.ready()
@@ -219,6 +224,8 @@ class Daemon:
             self.worker.cancel_background()
         if self.trainer is not None:
             await bounded(self.trainer.stop(), "training")
+        if self.synth is not None:
+            await bounded(self.synth.stop(), "synthetic images")
         if self._runner is not None:
             # Stops listening and closes idle keep-alive connections, then waits
             # up to the grace period for requests already received: those are served.
@@ -345,6 +352,7 @@ class Daemon:
             engine_ms=s.engine_time.summary_ms() if percentiles else {},
             samples=self.samples.status() if self.samples else {"enabled": False},
             train=self.trainer.status() if self.trainer else {"enabled": False},
+            synth=self.synth.status() if self.synth else {"enabled": False},
             connections=self.gate.status(),
             admitted_late=s.admitted_late,
             validators={**self.validators.status(), "warn_h": self.cfg.daemon.no_query_warn_h},
@@ -450,6 +458,8 @@ class Daemon:
             self.samples.reconfigure(cfg.samples)
         if self.trainer is not None:
             self.trainer.reconfigure(cfg)
+        if self.synth is not None:
+            self.synth.reconfigure(cfg)
         if cfg.auth.mode == "offline":  # online, the chain's roster stays
             roster = _allowlist_roster(cfg)
             self._roster = lambda: roster

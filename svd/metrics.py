@@ -61,6 +61,7 @@ class _Collector:
         yield from _samples(s.get("samples") or {})
         yield from _chain(s.get("chain") or {})
         yield from _train(s.get("train") or {})
+        yield from _synth(s.get("synth") or {})
         yield from _connections(s.get("connections") or {})
         yield from _validators(s.get("validators") or {})
 
@@ -188,6 +189,25 @@ def _train(t: dict[str, Any]) -> Iterator[Metric]:
             if metric in figures:
                 holdout.add_metric([model, metric], figures[metric])
     yield holdout
+
+
+def _synth(t: dict[str, Any]) -> Iterator[Metric]:
+    if not t:
+        return
+    jobs = CounterMetricFamily("svd_synth_jobs", "synthetic-image jobs since start by result", labels=["result"])
+    for result, n in sorted((t.get("jobs") or {}).items()):
+        jobs.add_metric([result], n)
+    yield jobs
+    yield CounterMetricFamily("svd_synth_images", "synthetic images written since start", value=t.get("images", 0))
+    running = t.get("running") or {}
+    yield GaugeMetricFamily("svd_synth_running", "1 while a synthetic-image job goes", value=int(bool(running)))
+    yield GaugeMetricFamily("svd_synth_paused", "1 while that job is paused", value=int(bool(running.get("paused"))))
+    if running:
+        yield GaugeMetricFamily("svd_synth_job_done", "images the job going has written", value=running["done"])
+        yield GaugeMetricFamily("svd_synth_job_count", "images the job going is to make", value=running["count"])
+    folder = running.get("folder") or (t.get("last") or {}).get("folder")
+    if folder:
+        yield GaugeMetricFamily("svd_synth_folder_images", "images in the synthetic folder", value=folder["images"])
 
 
 def _validators(v: dict[str, Any]) -> Iterator[Metric]:

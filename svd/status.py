@@ -100,6 +100,7 @@ class StatusSnapshot:
     engine_ms: dict[str, float]
     samples: dict[str, Any] = field(default_factory=dict)
     train: dict[str, Any] = field(default_factory=dict)
+    synth: dict[str, Any] = field(default_factory=dict)
     # Open connections, refused and cut off by reason (svd.serve.connections.Gate.status()).
     connections: dict[str, Any] = field(default_factory=dict)
     # ValidatorLog.status(), and `warn_h` ([daemon] no_query_warn_h).
@@ -137,6 +138,7 @@ def render_table(s: dict[str, Any], now: float | None = None) -> str:
         ("engine ms/batch", _timing(s["engine_ms"])),
         ("samples", _samples(s.get("samples") or {})),
         ("training", _train(s.get("train") or {})),
+        ("synthetic images", _synth(s.get("synth") or {})),
         ("validators seen", _seen_list(validators, now)),
     ]
     return "\n".join(f"{k.ljust(KEY_WIDTH)}  {v}" for k, v in rows)
@@ -267,6 +269,26 @@ def _samples(c: dict[str, Any]) -> str:
     line += f" in {c['retention_passes']} passes"
     if c.get("last_error"):
         line += f", last error: {c['last_error']}"
+    return line
+
+
+def _synth(t: dict[str, Any]) -> str:
+    """The synthetic-image job going, the last one, and the nightly schedule (svd synth status says more)."""
+    line = f"nightly {t.get('next_run') or '-'} ({t.get('schedule')})" if t.get("enabled") else "nightly off"
+    for key, title in (("running", "going"), ("last", "last")):
+        j = t.get(key)
+        if not j:
+            continue
+        line += f"{PAD}{title} {j['job_id']}: {j['done']}/{j['count']} images, {j['stage']}"
+        if key == "running" and j.get("steps"):
+            line += f" step {j['step']}/{j['steps']}"
+        if j.get("paused"):
+            line += " (paused: svd synth resume)"
+        if j.get("result") not in (None, "done"):
+            line += PAD + textwrap.shorten(str(j.get("reason")), REASON_CHARS, placeholder=" ...")
+        folder = j.get("folder")
+        if folder:
+            line += f"{PAD}folder {folder['images']} images, {folder['mb']} of {folder['budget_mb']} MB"
     return line
 
 

@@ -41,6 +41,14 @@ def demo_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random SDXL pipeline (real diffusers modules and scheduler), written once per session."""
+    from svd.train.synth.diffusion import build_tiny_pipeline
+
+    return build_tiny_pipeline(tmp_path_factory.mktemp("tiny-sdxl") / "sdxl")
+
+
+@pytest.fixture(scope="session")
 def jpegs() -> list[bytes]:
     return street_jpegs(12, seed=1)
 

@@ -25,3 +25,16 @@ async def test_idlebench_measures_ceilings_the_job_and_load_with_and_without_it(
     job = out["c1_with_job"]["job"]
     assert job["started"] >= 1 and job["slices"] > 0 and job["slice_ms_max"] > 0, job
     assert "job" not in out["c1_no_job"]
+
+
+async def test_idlebench_synth_job_writes_images_beside_the_load(tmp_path: Path, tiny_engine: Path) -> None:
+    cfg = _bench_config(make_config(tmp_path, tiny_engine), "synth", None)
+    args = parse_args(
+        [*("--job", "synth", "--synth-count", "2", "--synth-size", "64", "--synth-steps", "4"), "-c", "1", "-d", "2"]
+    )
+    out = await _bench(args, cfg)
+    assert out["job"] == "synth" and out["job_alone"]["images_per_s"] > 0, out["job_alone"]
+    assert out["job_alone"]["slices"]["slices"] >= 2 * 4
+    with_job = out["c1_with_job"]
+    assert with_job["ok"] > 0 and not with_job["errors"], with_job
+    assert with_job["job"]["images"] >= 1 and with_job["job"]["slices"] > 0, with_job["job"]

@@ -139,6 +139,20 @@ async def test_pause_holds_slices_not_inference(worker: EngineWorker) -> None:
     assert await job.wait() == 2
 
 
+async def test_a_held_job_waits_between_slices_while_the_job_behind_it_runs(worker: EngineWorker) -> None:
+    first, second = Trace(), Trace()
+    held = worker.background("synth", slices(first, 4, slice_s=0.005))
+    await wait_for_event(first, "slice0-end")
+    worker.hold_background(held, True)
+    behind = worker.background("train", slices(second, 3, slice_s=0.001))
+    assert await behind.wait() == 3  # ran while the first one was held
+    done_before = first.events.count("slice1-end") + first.events.count("slice0-end")
+    assert held.state is JobState.RUNNING and "slice3-end" not in first.events and done_before <= 2
+    assert await worker.call(call_event, first, "batch") == "batch"  # inference unaffected
+    worker.hold_background(held, False)
+    assert await held.wait() == 4
+
+
 async def test_shutdown_stops_background_jobs_first_and_drains_the_inference_lane() -> None:
     worker = EngineWorker(step_timeout_s=5.0)
     trace = Trace()

@@ -104,6 +104,8 @@ class BackgroundJob(Generic[T]):
         self.slice_s_max = 0.0
         self.slice_s_total = 0.0
         self.error: str | None = None
+        # Held (svd synth pause): its slices wait while the jobs behind it may run.
+        self.held = False
         self._gen = slices
         self._future = future
         self._cancel = threading.Event()
@@ -241,6 +243,12 @@ class EngineWorker:
             self._paused = paused
             self._cond.notify()
 
+    def hold_background(self, job: BackgroundJob[Any], held: bool) -> None:
+        """Holds one job between two slices (jobs queued behind it run meanwhile), or lets it go on."""
+        with self._cond:
+            job.held = held
+            self._cond.notify()
+
     def cancel_background(self) -> int:
         """Cancel every queued or running job; the number cancelled."""
         with self._cond:
@@ -276,8 +284,8 @@ class EngineWorker:
                 elif cancelled := self._cancelled_job():
                     self._jobs.remove(cancelled)
                     job = cancelled
-                elif self._jobs and not self._closing:
-                    job = self._jobs[0]
+                elif (runnable := self._runnable_job()) is not None and not self._closing:
+                    job = runnable
                 else:  # closing, and nothing left to run or close
                     return
             if call is not None:
@@ -292,7 +300,10 @@ class EngineWorker:
         """Something to do now: a call, a cancelled job to close, a slice allowed to start, or the end."""
         if self._calls or self._closing or self._cancelled_job() is not None:
             return True
-        return bool(self._jobs) and not (self._waiting or self._paused)
+        return self._runnable_job() is not None and not (self._waiting or self._paused)
+
+    def _runnable_job(self) -> BackgroundJob[Any] | None:
+        return next((job for job in self._jobs if not job.held), None)
 
     def _cancelled_job(self) -> BackgroundJob[Any] | None:
         return next((job for job in self._jobs if job.cancelled), None)

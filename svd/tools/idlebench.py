@@ -9,7 +9,10 @@ dendrites (svd/tools/dendrite_load.py), the client validators run.
    rate at the job's slice size (the raw engine rate the job is held to).
 2. The job alone, no load: a background job running the serving backbone
    over N generated images in slices (--job features), or a whole training
-   run on a NATIX-format data set (--job train --data DIR); its rate.
+   run on a NATIX-format data set (--job train --data DIR), or synthetic
+   images (--job synth: a job of --synth-count SDXL images, as `svd synth
+   now` starts, on --model or a tiny random pipeline; --data gives it photos
+   for image-to-image); its rate.
 3. For each concurrency: load with no job, then the same load while the job
    runs (restarted whenever it ends); p50/p99 of both and the job's slowest
    slice, so "p99 with the job within one slice of p99 without" can be read.
@@ -23,6 +26,7 @@ import argparse
 import asyncio
 import dataclasses
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -42,12 +46,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m svd.tools.idlebench", description=__doc__.splitlines()[0])
     p.add_argument("--config", type=Path, default=None, help="config file (default: ./config.toml, else built-in)")
     p.add_argument(
-        "--job", choices=("features", "train"), default="features", help="the background job (default: features)"
+        "--job",
+        choices=("features", "train", "synth"),
+        default="features",
+        help="the background job (default features)",
     )
     p.add_argument("--images", type=int, default=2000, help="features job: generated images (default 2000)")
     p.add_argument("--slice", type=int, default=4, help="features job: most images per slice (default 4)")
     p.add_argument("--slice-ms", type=float, default=25.0, help="features job: slice time aimed at (default 25)")
     p.add_argument("--data", type=Path, default=None, help="train job: a NATIX-format data set (svd demo-data DIR)")
+    p.add_argument("--model", type=Path, default=None, help="synth job: an SDXL pipeline folder (default: a tiny one)")
+    p.add_argument("--synth-count", type=int, default=20, help="synth job: images per job (default 20)")
+    p.add_argument("--synth-size", type=int, default=128, help="synth job: image side (default 128)")
+    p.add_argument("--synth-steps", type=int, default=25, help="synth job: denoising steps (default 25)")
     p.add_argument("-c", "--concurrency", type=int, nargs="+", default=[1, 8], help="load levels (default 1 8)")
     p.add_argument("-d", "--duration", type=float, default=20.0, help="seconds of load per phase (default 20)")
     p.add_argument("--ceiling-s", type=float, default=5.0, help="seconds spent on each ceiling (default 5)")
@@ -59,7 +70,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def _bench_config(cfg: Config, job: str, data: Path | None) -> Config:
     """The daemon as configured, minus what would disturb the figures: samples, the schedule, hot swap."""
     train = dataclasses.replace(cfg.train, enabled=False)
-    if job == "train":
+    if job in ("train", "synth") and data is not None:
         from svd.config import TrainSource
 
         train = dataclasses.replace(train, sources=(TrainSource("natix_parquet", path=str(data)),), use_samples=False)
@@ -134,7 +145,30 @@ def _train_unit(cfg: Config, daemon: Any, marks: dict[str, float]) -> Any:
     return one
 
 
-async def _with_load(args: argparse.Namespace, daemon: Any, c: int, jpeg_dir: Path, make: Any | None) -> dict[str, Any]:
+def _synth_unit(args: argparse.Namespace, cfg: Config, daemon: Any, state_dir: Path, made: list[int]) -> Any:
+    """A synthetic-image job as `svd synth now --count N --force` starts one, its images in state_dir."""
+    from svd.train.synth.job import SynthJob
+
+    synth = dataclasses.replace(
+        cfg.synth, model=str(args.model), size=args.synth_size, steps=args.synth_steps, allow_cpu=True
+    )
+    job_cfg = dataclasses.replace(cfg, synth=synth, daemon=dataclasses.replace(cfg.daemon, state_dir=str(state_dir)))
+
+    async def one() -> Any:
+        job = SynthJob(job_cfg, daemon.worker, args.synth_count, "idlebench")
+        try:
+            return await job.run()
+        finally:
+            made.append(job.state.done)
+            if job.state.result not in (None, "done", "cancelled"):
+                raise RuntimeError(f"synth job {job.state.result}: {job.state.reason}")
+
+    return one
+
+
+async def _with_load(
+    args: argparse.Namespace, daemon: Any, c: int, jpeg_dir: Path, make: Any | None, made: list[int] | None = None
+) -> dict[str, Any]:
     worker: EngineWorker = daemon.worker
     worker.slice_stats = SliceStats()
     stop = asyncio.Event()
@@ -146,6 +180,9 @@ async def _with_load(args: argparse.Namespace, daemon: Any, c: int, jpeg_dir: Pa
         started = await keeper if keeper is not None else 0
     if make is not None:
         figures["job"] = {"started": started, **worker.slice_stats.summary()}
+        if made is not None:
+            figures["job"]["images"] = sum(made)
+            made.clear()
     return figures
 
 
@@ -174,7 +211,22 @@ async def _phases(args: argparse.Namespace, cfg: Config, daemon: Any) -> dict[st
     out["engine_batch1"] = await worker.run(_timed, engine.infer, images, 1, args.ceiling_s)
     out["engine_at_slice"] = await worker.run(_timed, features, images, args.slice, args.ceiling_s)
     marks: dict[str, float] = {}
-    if args.job == "features":
+    made: list[int] | None = None
+    tmp_state = Path(tempfile.mkdtemp(prefix="svd-idlebench-state-"))
+    if args.job == "synth":
+        if args.model is None:
+            from svd.train.synth.diffusion import build_tiny_pipeline
+
+            args.model = build_tiny_pipeline(tmp_state / "tiny-sdxl")
+        made = []
+        make = _synth_unit(args, cfg, daemon, tmp_state, made)
+        worker.slice_stats = SliceStats()
+        t0 = time.perf_counter()
+        await make()
+        spent = time.perf_counter() - t0
+        out["job_alone"] = {"images_per_s": round(sum(made) / spent, 2), "slices": worker.slice_stats.summary()}
+        made.clear()
+    elif args.job == "features":
         make = _features_unit(worker, features, images, args.slice, args.slice_ms)
         t0 = time.perf_counter()
         await make()
@@ -184,14 +236,16 @@ async def _phases(args: argparse.Namespace, cfg: Config, daemon: Any) -> dict[st
         await make()
         spent = marks.get("fit", time.perf_counter()) - marks.get("features", time.perf_counter())
         out["job_alone"] = {"feature_views_per_s": round(marks.get("views", 0.0) / max(spent, 1e-9), 1)}
-    ratio = out["job_alone"].get("images_per_s", 0.0) / max(out["engine_at_slice"]["images_per_s"], 1e-9)
-    out["job_alone"]["ratio_to_engine"] = round(ratio, 3)
+    if args.job != "synth":  # a feature pass's rate against the engine's own; a synth job has no such ceiling
+        ratio = out["job_alone"].get("images_per_s", 0.0) / max(out["engine_at_slice"]["images_per_s"], 1e-9)
+        out["job_alone"]["ratio_to_engine"] = round(ratio, 3)
     with tempfile.TemporaryDirectory(prefix="svd-idlebench-") as tmp:
         for i, jpeg in enumerate(street_jpegs(32, seed=3)):
             (Path(tmp) / f"{i:02d}.jpg").write_bytes(jpeg)
         for c in args.concurrency:
             out[f"c{c}_no_job"] = await _with_load(args, daemon, c, Path(tmp), None)
-            out[f"c{c}_with_job"] = await _with_load(args, daemon, c, Path(tmp), make)
+            out[f"c{c}_with_job"] = await _with_load(args, daemon, c, Path(tmp), make, made)
+    shutil.rmtree(tmp_state, ignore_errors=True)
     return out
 
 

@@ -35,8 +35,9 @@ from svd.train.features import FEATURES_DB, FeatureCache, extract_slices, traini
 from svd.train.fit import FeatureSet, FitConfig, FitResult, fit_head, head_probs, warm_optimiser
 from svd.train.gate import GateConfig, Verdict, by_kind, judge
 from svd.train.report import append_history, read_history, write_report
-from svd.train.sources import SourceSpec
+from svd.train.sources import IMAGE_FOLDER, SourceSpec, configured_sources
 from svd.train.splits import MixConfig, assemble
+from svd.train.synth.store import synth_images_present
 from svd.train.views import AS_SERVED, ViewKey, plan_views, render_views
 
 log = structlog.get_logger(__name__)
@@ -85,13 +86,12 @@ def new_run_id(now: datetime | None = None) -> str:
 
 
 def source_specs(cfg: Config) -> list[SourceSpec]:
-    """The [train] sources as scanners take them, plus the samples database."""
-    specs = []
-    for i, src in enumerate(cfg.train.sources):
-        path = cfg.source_path(src.path) if src.path else None
-        specs.append(SourceSpec(f"{src.kind}-{i}", src.kind, path, src.repo or None, None, src.weight, src.synthetic))
+    """The [train] sources as scanners take them, plus the samples database and the synthetic folder."""
+    specs = configured_sources(cfg)
     if cfg.train.use_samples and cfg.samples_db.is_file():
         specs.append(SourceSpec("samples", logged.SAMPLES, cfg.samples_db))
+    if cfg.synth.use_in_training and synth_images_present(cfg.synth_dir):
+        specs.append(SourceSpec("synth", IMAGE_FOLDER, cfg.synth_dir, weight=cfg.synth.weight, synthetic=True))
     return specs
 
 

@@ -33,11 +33,14 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import structlog
 from PIL import Image, UnidentifiedImageError
+
+if TYPE_CHECKING:
+    from svd.config import Config
 
 log = structlog.get_logger(__name__)
 
@@ -137,6 +140,8 @@ class Record:
         ref: how to load the bytes again.
         features: backbone features already computed (logged samples carry the serving engine's),
             or None; not part of equality.
+        caption: what the source says the image shows (NATIX's `scene_description`), or None;
+            synthetic prompts start from it (svd.train.synth.prompts). Not part of equality.
     """
 
     sha256: str
@@ -145,6 +150,7 @@ class Record:
     origin: str
     ref: ImageRef
     features: np.ndarray | None = field(default=None, compare=False, repr=False)
+    caption: str | None = field(default=None, compare=False, repr=False)
 
     def read(self) -> bytes:
         return read_records([self])[0]
@@ -277,7 +283,8 @@ def _scan_parquet_file(path: Path, spec: SourceSpec, scan: SourceScan) -> None:
                 continue
             assert data is not None
             ref = ParquetRef(path, group, row, image_col)
-            scan.records.append(Record(image_sha256(data), int(label), spec.name, spec.origin, ref))
+            caption = text.strip() if isinstance(text, str) and text.strip() else None
+            scan.records.append(Record(image_sha256(data), int(label), spec.name, spec.origin, ref, caption=caption))
 
 
 def _row_problem(label: Any, description: Any, described: bool) -> str | None:
@@ -337,6 +344,15 @@ def resolve_hub_dataset(repo_id: str, revision: str | None = None, cache_dir: Pa
 Scanner = Callable[[SourceSpec, "Path | None"], SourceScan]
 # Source kinds and how to scan them; a further kind (logged samples) registers here.
 SCANNERS: dict[str, Scanner] = {NATIX_PARQUET: scan_natix_parquet, IMAGE_FOLDER: scan_image_folder}
+
+
+def configured_sources(cfg: Config) -> list[SourceSpec]:
+    """The config's [[train.sources]] as scanners take them, in order, named by kind and position."""
+    specs = []
+    for i, src in enumerate(cfg.train.sources):
+        path = cfg.source_path(src.path) if src.path else None
+        specs.append(SourceSpec(f"{src.kind}-{i}", src.kind, path, src.repo or None, None, src.weight, src.synthetic))
+    return specs
 
 
 def scan_source(spec: SourceSpec, hub_cache: Path | None = None) -> SourceScan:

@@ -1,0 +1,172 @@
+"""Synthetic images inside the daemon: a nightly cron before training, `svd synth now`, pause, stop.
+
+One job at a time. The cron ([synth] schedule, APScheduler 3 like training's)
+fires only when [synth] enabled; `svd synth now` starts a job whenever asked.
+A paused job holds its place on the idle lane between two slices (its
+pipeline stays loaded; training queued behind it runs meanwhile); a stopped
+one ends at the next slice, keeping the images written so far.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+import structlog
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from apscheduler.triggers.base import BaseTrigger
+from apscheduler.triggers.cron import CronTrigger
+
+from svd.config import Config
+from svd.control import CommandError
+from svd.engine.worker import EngineWorker
+from svd.train.synth.job import SynthJob
+
+log = structlog.get_logger(__name__)
+JOB_ID = "nightly-synth"
+
+
+class SynthScheduler:
+    """Synthetic images' place in the daemon.
+
+    Args:
+        cfg: the configuration ([synth], [train] sources, paths).
+        worker: the engine worker whose idle lane generates.
+        spawn: the daemon's supervised-task starter (jobs are non-fatal finite tasks).
+    """
+
+    def __init__(self, cfg: Config, worker: EngineWorker, spawn: Callable[..., asyncio.Task[None]]) -> None:
+        self.cfg = cfg
+        self._worker = worker
+        self._spawn = spawn
+        self._scheduler: AsyncIOScheduler | None = None
+        self.current: SynthJob | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.last: dict[str, Any] | None = None
+        self.jobs: Counter[str] = Counter()  # results since start
+        self.images = 0  # written since start
+
+    def start(self, trigger: BaseTrigger | None = None) -> None:
+        """The cron, when [synth] is enabled (trigger replaces it in tests)."""
+        if self.cfg.synth.enabled:
+            self._plan(trigger or CronTrigger.from_crontab(self.cfg.synth.schedule))
+
+    def reconfigure(self, cfg: Config) -> None:
+        """A reloaded config: the next job uses it; a changed schedule or `enabled` re-plans the cron."""
+        old, self.cfg = self.cfg.synth, cfg
+        new = cfg.synth
+        if (new.enabled, new.schedule, new.misfire_grace_s) == (old.enabled, old.schedule, old.misfire_grace_s):
+            return
+        if self._scheduler is not None:
+            self._scheduler.shutdown(wait=False)
+            self._scheduler = None
+        self.start()
+
+    def _plan(self, trigger: BaseTrigger) -> None:
+        self._scheduler = AsyncIOScheduler(event_loop=asyncio.get_running_loop())
+        self._scheduler.add_job(
+            self._scheduled,
+            trigger,
+            id=JOB_ID,
+            max_instances=1,
+            coalesce=True,
+            misfire_grace_time=self.cfg.synth.misfire_grace_s,
+        )
+        self._scheduler.start()
+        log.info("synth_schedule_started", cron=self.cfg.synth.schedule, next_run=self._next_run())
+
+    def commands(self) -> dict[str, Callable[[dict[str, Any]], Any]]:
+        """Control socket handlers: synth_now ({"count": N, "force": bool}), synth_pause, synth_resume,
+        synth_stop."""
+        return {
+            "synth_now": lambda args: self.run_now("command", args.get("count"), bool(args.get("force"))),
+            "synth_pause": lambda _: self.hold(True),
+            "synth_resume": lambda _: self.hold(False),
+            "synth_stop": lambda _: self.stop_job(),
+        }
+
+    @property
+    def going(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    def run_now(self, trigger: str, count: Any = None, force: bool = False) -> dict[str, Any]:
+        """Starts a job unless one is going; its state (the job goes on in the background)."""
+        if self.going and self.current is not None:
+            raise CommandError(f"synth job {self.current.state.job_id} is still going (svd synth stop ends it)")
+        if count is None:
+            count = self.cfg.synth.count
+        if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= 100_000:
+            raise CommandError(f"count must be an integer from 1 to 100000, got {count!r}")
+        try:
+            import diffusers  # noqa: F401
+        except ImportError as exc:
+            raise CommandError(f"synthetic images need the synth extra: pip install 'svd[synth]' ({exc})") from exc
+        from svd.train.synth.diffusion import SynthUnavailable, pick_device
+
+        try:
+            pick_device(self.cfg.synth, force)  # refused at once, not after the job starts
+        except SynthUnavailable as exc:
+            raise CommandError(str(exc)) from exc
+        self.current = job = SynthJob(self.cfg, self._worker, count, trigger, force)
+        self._task = self._spawn(f"synth {job.state.job_id}", self._run(job), on_error=self._died, finite=True)
+        return job.status()
+
+    def hold(self, held: bool) -> dict[str, Any]:
+        if not self.going or self.current is None:
+            raise CommandError("no synth job is going")
+        self.current.hold(held)
+        log.info("synth_paused" if held else "synth_resumed", job=self.current.state.job_id)
+        return self.status()
+
+    def stop_job(self) -> dict[str, Any]:
+        if not self.going or self.current is None:
+            raise CommandError("no synth job is going")
+        self.current.stop()
+        return self.status()
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "enabled": self.cfg.synth.enabled,
+            "schedule": self.cfg.synth.schedule,
+            "next_run": self._next_run(),
+            "running": self.current.status() if self.going and self.current is not None else None,
+            "last": self.last,
+            "jobs": dict(self.jobs),
+            "images": self.images,
+        }
+
+    async def stop(self) -> None:
+        """Shutdown: no more firings; a job going is cancelled (its pipeline released)."""
+        if self._scheduler is not None:
+            self._scheduler.shutdown(wait=False)
+            self._scheduler = None
+        if self.going and self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _scheduled(self) -> None:
+        try:
+            self.run_now("schedule")
+        except CommandError as exc:
+            log.warning("synth_job_not_started", reason=str(exc))
+
+    def _died(self, error: str) -> None:
+        # SynthJob.run() records every failure itself; this is a bug past it.
+        job_id = self.current.state.job_id if self.current else "?"
+        self.last = {"job_id": job_id, "result": "failed", "reason": error}
+
+    async def _run(self, job: SynthJob) -> None:
+        state = await job.run()
+        self.last = job.status()
+        self.jobs[str(state.result)] += 1
+        self.images += state.done
+
+    def _next_run(self) -> str | None:
+        if self._scheduler is None:
+            return None
+        job = self._scheduler.get_job(JOB_ID)
+        when: datetime | None = job.next_run_time if job is not None else None
+        return when.isoformat() if when else None
