@@ -176,7 +176,8 @@ class Daemon:
             self.spawn("samples_writer", self.samples.run(), on_error=self.samples.writer_died)
         self.hotswap = HotSwap(self.serving, worker, cfg.engine, cfg.engines_dir)
         self.trainer = TrainScheduler(cfg, worker, self.serving, self.spawn)
-        self.synth = SynthScheduler(cfg, worker, self.spawn)
+        trainer = self.trainer
+        self.synth = SynthScheduler(cfg, worker, self.spawn, training=lambda: trainer.going)
         commands = {
             "status": lambda _: {**self.snapshot().to_dict(), "config": self.reloader.status()},
             **self.hotswap.commands(),

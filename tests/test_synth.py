@@ -50,6 +50,8 @@ def test_store_writes_image_and_sidecar_dedups_and_keeps_the_budget(tmp_path: Pa
     assert store.duplicates == 1 and store.count == 1
     paths = [store.add(png((i, 0, 0), 64), i % 2, {"i": i}) for i in range(40)]
     assert all(p is not None for p in paths)
+    assert store.size_bytes > 10_000 and store.removed == 0  # nothing goes while a job writes
+    assert store.keep_budget() > 0
     assert store.size_bytes <= 10_000 and store.removed > 0
     survivors = {p for p in paths if p is not None and p.exists()}
     # Oldest first: the survivors are the last ones written, and the first image went before them.
@@ -353,3 +355,30 @@ async def test_the_real_scheduler_fires_jobs_one_at_a_time_and_a_reload_replans_
         sched.run_now("command", 0)
     await sched.stop()
     await worker.close()
+
+
+async def test_a_job_keeps_the_budget_at_its_start_and_end_but_never_while_training_reads(
+    tmp_path: Path, tiny_sdxl: Path
+) -> None:
+    cfg = synth_config(tmp_path, tiny_sdxl, disk_budget_mb=1, i2i_share=0.0)
+    old = SynthStore(cfg.synth_dir, 10**9)
+    noise = [Image.effect_noise((256, 256), 64 + i).convert("RGB") for i in range(12)]
+    for i, img in enumerate(noise):  # ~12 x 100 KB of old images: over the 1 MB budget
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+        old.add(buf.getvalue(), i % 2, {"old": True})
+    before = old.size_bytes
+    assert before > 10**6
+    worker = EngineWorker()
+    training = await SynthJob(cfg, worker, 2, "test", may_delete=lambda: False).run()
+    assert training.result == "done" and SynthStore(cfg.synth_dir, 10**6).size_bytes > before  # nothing went
+    again = await SynthJob(cfg, worker, 2, "test").run()  # the same seed: the same images, stored once
+    assert again.result == "done" and again.done == 0 and again.duplicates == 2
+    other = dataclasses.replace(cfg, synth=dataclasses.replace(cfg.synth, seed=8))
+    state = await SynthJob(other, worker, 2, "test").run()
+    await worker.close()
+    assert state.result == "done" and state.done == 2
+    after = SynthStore(cfg.synth_dir, 10**6)
+    assert after.size_bytes <= 10**6 and after.count >= 4
+    kept = [read_sidecar(p) for p in cfg.synth_dir.rglob("*.png")]
+    assert sum(1 for m in kept if not m.get("old")) == 4  # the new images stay, the oldest went

@@ -158,8 +158,13 @@ class TrainScheduler:
         log.info("train_resumed", next_run=self._next_run())
         return self.status()
 
+    @property
+    def going(self) -> bool:
+        """A run is in progress."""
+        return self._task is not None and not self._task.done()
+
     def status(self) -> dict[str, Any]:
-        going = self.current is not None and self._task is not None and not self._task.done()
+        going = self.current is not None and self.going
         running = self.current.state.summary() if going and self.current is not None else None
         if running is not None:
             running["paused"] = self.paused  # held between two slices until svd train resume

@@ -258,16 +258,25 @@ class SynthJob:
         count: images to make.
         trigger: "schedule", "command" or "standalone" (the report says).
         force: generate on a CPU even though [synth] allow_cpu is off.
+        may_delete: whether old images may go now to keep the disk budget (not while a training run
+            reads the folder; see store.py).
     """
 
     def __init__(
-        self, cfg: Config, worker: EngineWorker, count: int, trigger: str, force: bool = False, job_id: str = ""
+        self,
+        cfg: Config,
+        worker: EngineWorker,
+        count: int,
+        trigger: str,
+        force: bool = False,
+        may_delete: Callable[[], bool] = lambda: True,
     ) -> None:
         self.cfg = cfg
         self.sc = cfg.synth
         self.worker = worker
         self.force = force
-        self.state = SynthState(job_id or datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ"), trigger, count)
+        self.may_delete = may_delete
+        self.state = SynthState(datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ"), trigger, count)
         self.background: BackgroundJob[int] | None = None
         self.store: SynthStore | None = None
         self._held = False
@@ -303,6 +312,8 @@ class SynthJob:
             state.stage = "planning"
             budget = self.sc.disk_budget_mb * 1_000_000
             self.store = store = await asyncio.to_thread(SynthStore, self.cfg.synth_dir, budget)
+            # Room for this job's images now: nothing is deleted while it writes.
+            await self._keep_budget(state.count * store.mean_image_bytes(default=2 * self.sc.size**2))
             photos = await asyncio.to_thread(source_photos, self.cfg)
             state.stage = "loading the pipeline"
             pipes = await asyncio.to_thread(diffusion.load_pipelines, self.sc, device, self.cfg.synth_model)
@@ -343,10 +354,21 @@ class SynthJob:
                 self.background.cancel()
             await asyncio.to_thread(reader.shutdown, True, cancel_futures=True)
             await asyncio.to_thread(writer.shutdown, True)
+            if self.store is not None:
+                await self._keep_budget(0)
             # Off the loop: dropping SDXL's modules and the CUDA cache can take a moment.
             await asyncio.to_thread(diffusion.release, pipes)
             pipes = None
         return state
+
+    async def _keep_budget(self, room: int) -> None:
+        assert self.store is not None
+        if not self.may_delete():
+            log.info("synth_budget_later", reason="a training run reads the folder", mb=self.store.size_bytes // 10**6)
+            return
+        removed = await asyncio.to_thread(self.store.keep_budget, room)
+        if removed:
+            log.info("synth_pruned", removed=removed, mb=self.store.size_bytes // 10**6)
 
     def _write(self, store: SynthStore, item: Planned, image: Image.Image, pipes: diffusion.Pipelines) -> None:
         try:

@@ -10,6 +10,7 @@ one ends at the next slice, keeping the images written so far.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 from collections import Counter
 from collections.abc import Callable
 from datetime import datetime
@@ -36,10 +37,18 @@ class SynthScheduler:
         cfg: the configuration ([synth], [train] sources, paths).
         worker: the engine worker whose idle lane generates.
         spawn: the daemon's supervised-task starter (jobs are non-fatal finite tasks).
+        training: whether a training run is going (it reads the folder: old images stay meanwhile).
     """
 
-    def __init__(self, cfg: Config, worker: EngineWorker, spawn: Callable[..., asyncio.Task[None]]) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        worker: EngineWorker,
+        spawn: Callable[..., asyncio.Task[None]],
+        training: Callable[[], bool] = lambda: False,
+    ) -> None:
         self.cfg = cfg
+        self._training = training
         self._worker = worker
         self._spawn = spawn
         self._scheduler: AsyncIOScheduler | None = None
@@ -100,17 +109,16 @@ class SynthScheduler:
             count = self.cfg.synth.count
         if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= 100_000:
             raise CommandError(f"count must be an integer from 1 to 100000, got {count!r}")
-        try:
-            import diffusers  # noqa: F401
-        except ImportError as exc:
-            raise CommandError(f"synthetic images need the synth extra: pip install 'svd[synth]' ({exc})") from exc
+        # Looked up, not imported: importing diffusers takes over a second, and this runs on the loop.
+        if importlib.util.find_spec("diffusers") is None:
+            raise CommandError("synthetic images need the synth extra: pip install 'svd[synth]'")
         from svd.train.synth.diffusion import SynthUnavailable, pick_device
 
         try:
             pick_device(self.cfg.synth, force)  # refused at once, not after the job starts
         except SynthUnavailable as exc:
             raise CommandError(str(exc)) from exc
-        self.current = job = SynthJob(self.cfg, self._worker, count, trigger, force)
+        self.current = job = SynthJob(self.cfg, self._worker, count, trigger, force, lambda: not self._training())
         self._task = self._spawn(f"synth {job.state.job_id}", self._run(job), on_error=self._died, finite=True)
         return job.status()
 

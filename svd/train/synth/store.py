@@ -6,8 +6,11 @@ kind. An image is written atomically: its sidecar first, then the PNG to a
 dot-named temp file renamed into place, so a PNG on disk is always whole and
 always has its sidecar (a sidecar left alone by a crash is removed at the next
 open). Names are the PNG's sha256 (its first 32 hex digits): the same image
-twice is stored once. The folder is bounded by a disk budget; past it the
-oldest images go first.
+twice is stored once. The folder is bounded by a disk budget, the oldest
+images going first; it is kept when a job starts (room made for the job's
+images) and when it ends, never while a training run reads the folder
+(training scans the files, then reads them minutes later: a file deleted in
+between would fail the run), so it can run over by one job's images.
 """
 
 from __future__ import annotations
@@ -50,7 +53,8 @@ class SynthStore:
     def __init__(self, root: Path, budget_bytes: int) -> None:
         self.root = root
         self.budget_bytes = budget_bytes
-        self._lock = threading.Lock()
+        # Reentrant: the writer thread adds while status reads the totals from the loop.
+        self._lock = threading.RLock()
         self.added = 0
         self.duplicates = 0
         self.removed = 0
@@ -75,12 +79,14 @@ class SynthStore:
 
     @property
     def size_bytes(self) -> int:
-        return sum(s.size for s in self._items.values())
+        with self._lock:
+            return sum(s.size for s in self._items.values())
 
     def by_label(self) -> dict[str, int]:
         counts = dict.fromkeys(LABEL_DIRS, 0)
-        for path in self._items:
-            counts[path.parent.name] += 1
+        with self._lock:
+            for path in self._items:
+                counts[path.parent.name] += 1
         return counts
 
     def add(self, png: bytes, label: int, meta: dict[str, Any]) -> Path | None:
@@ -106,21 +112,29 @@ class SynthStore:
                 raise
             self._items[path] = _stored(path)
             self.added += 1
-            self._keep_budget()
         return path
 
-    def _keep_budget(self) -> None:
+    def mean_image_bytes(self, default: int) -> int:
+        with self._lock:
+            return self.size_bytes // len(self._items) if self._items else default
+
+    def keep_budget(self, room: int = 0) -> int:
+        """Removes the oldest images until the folder and `room` more bytes fit the budget; how many went."""
+        before = self.removed
+        with self._lock:
+            self._keep_budget(max(0, self.budget_bytes - room))
+        return self.removed - before
+
+    def _keep_budget(self, limit: int) -> None:  # with the lock held
         total = self.size_bytes
         for stored in sorted(self._items.values(), key=lambda s: (s.mtime, s.path.name)):
-            if total <= self.budget_bytes:
+            if total <= limit:
                 break
             stored.path.unlink(missing_ok=True)
             stored.path.with_suffix(".json").unlink(missing_ok=True)
             del self._items[stored.path]
             total -= stored.size
             self.removed += 1
-        if self.removed:
-            log.debug("synth_pruned", removed=self.removed, bytes=total)
 
     def summary(self) -> dict[str, Any]:
         return {
