@@ -468,3 +468,28 @@ def test_the_command_and_the_checks_do_not_import_each_other() -> None:
     )
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr
+
+
+def test_the_nightly_synth_job_needs_its_model_on_disk(
+    tmp_path: Path, tiny_engine: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    _, checks = doctor(make_config(tmp_path, tiny_engine), capsys)
+    assert checks["synth"].status == "ok" and "off" in checks["synth"].detail
+    cfg = make_config(tmp_path, tiny_engine, synth={"enabled": True, "model": "someone/sdxl"})
+    _, checks = doctor(cfg, capsys)
+    assert checks["synth"].status == "warn" and "someone/sdxl is neither a folder nor in the local hub cache" in (
+        checks["synth"].detail
+    )
+    (tmp_path / "sdxl").mkdir()
+    cpu = make_config(tmp_path, tiny_engine, synth={"enabled": True, "model": "sdxl"})
+    _, checks = doctor(cpu, capsys)
+    import torch
+
+    if not torch.cuda.is_available():
+        assert checks["synth"].status == "warn" and "no CUDA device" in checks["synth"].detail
+    allowed = make_config(tmp_path, tiny_engine, synth={"enabled": True, "model": "sdxl", "allow_cpu": True})
+    _, checks = doctor(allowed, capsys)
+    assert checks["synth"].status == "ok" and str(tmp_path / "sdxl") in checks["synth"].detail

@@ -517,6 +517,39 @@ def _dataset_cached(repo: str) -> bool:
     return True
 
 
+def _synth(p: _Probe) -> Verdict:
+    """The nightly synthetic-image job: the extra, the model on disk, a GPU (docs/synth.md)."""
+    sc = p.cfg.synth
+    if not sc.enabled:
+        return ok("nightly job off ([synth] enabled = false; svd synth now works on a GPU box)")
+    if find_spec("diffusers") is None:
+        return warn("the synth extra is not installed: nightly jobs fail, serving goes on", "pip install -e '.[synth]'")
+    model = p.cfg.synth_model
+    if not Path(model).is_dir() and not _model_cached(model):
+        return warn(
+            f"{model} is neither a folder nor in the local hub cache (svd never downloads): nightly jobs fail",
+            "docs/synth.md, On a GPU box: the hf download command for the fp16 files",
+        )
+    import torch
+
+    if not torch.cuda.is_available() and not sc.allow_cpu:
+        return warn(
+            "no CUDA device: nightly jobs are refused (an SDXL image takes minutes on a CPU)",
+            "set [synth] enabled = false on this box, or allow_cpu = true to generate anyway",
+        )
+    return ok(f"nightly ({sc.schedule}), {sc.count} images from {model}")
+
+
+def _model_cached(repo: str) -> bool:
+    from huggingface_hub import snapshot_download
+
+    try:
+        snapshot_download(repo, local_files_only=True, allow_patterns=["model_index.json"])
+    except (OSError, ValueError):
+        return False
+    return True
+
+
 CheckFn = Callable[[_Probe], Verdict]
 LOCAL_CHECKS: tuple[tuple[str, CheckFn], ...] = (
     ("config", _config),
@@ -543,4 +576,5 @@ DATA_CHECKS: tuple[tuple[str, CheckFn], ...] = (
     ("train-data", _train_data),
     ("hf-token", _hf_token),
     ("hf-cache", _hf_cache),
+    ("synth", _synth),
 )
