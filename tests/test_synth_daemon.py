@@ -149,3 +149,44 @@ async def test_a_cpu_box_refuses_at_once_unless_forced(daemon: DaemonProcess, ti
     forced = await asyncio.to_thread(daemon.cli, "synth", "now", "--count", "2", "--force", "--wait", timeout=300)
     assert forced.returncode == 0, forced.stderr
     assert "2/2 images, done" in forced.stdout
+
+
+@pytest.mark.parametrize("daemon", [SYNTH.replace("steps = 4", "steps = 30")], indirect=True)
+async def test_a_daemon_killed_mid_job_restarts_serving_and_its_folder_holds_only_whole_images(
+    daemon: DaemonProcess, tiny_sdxl: Path, jpegs_b64: list[str]
+) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from svd.train.synth.store import SynthStore
+
+    shutil.copytree(tiny_sdxl, daemon.config.parent / "sdxl")
+    assert (await asyncio.to_thread(daemon.cli, "synth", "now", "--count", "40")).returncode == 0
+    await until(daemon, lambda s: (s["running"] or {}).get("done", 0) >= 1, "an image written")
+    os.kill(daemon.proc.pid, signal.SIGKILL)
+    daemon.proc.wait(30)
+    folder = daemon.config.parent / "state" / "synth"
+    for png in folder.rglob("*.png"):  # every PNG whole, with its sidecar
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.with_suffix(".json").is_file()
+    log = open(daemon.config.parent / "daemon2.log", "w")  # noqa: SIM115
+    proc = subprocess.Popen([sys.executable, "-m", "svd", "--config", str(daemon.config), "run"], stdout=log,
+                            stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                snap = call(load_config(daemon.config).socket_path, "status")
+                break
+            except (OSError, RuntimeError):
+                assert time.monotonic() < deadline and proc.poll() is None
+                await asyncio.sleep(0.1)
+        assert snap["state"] == "serving" and snap["synth"]["running"] is None
+        assert (await query(daemon.port, daemon.hotkey, jpegs_b64[0]))[0] == 200
+        store = SynthStore(folder, 10**9)  # what the next job opens: leftovers of the killed writer gone
+        assert store.count >= 1 and not list(folder.rglob(".*"))
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+        log.close()
