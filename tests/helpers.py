@@ -171,6 +171,33 @@ port = 0
     return path
 
 
+@asynccontextmanager
+async def restarted(config: Path, log_path: Path) -> AsyncIterator[dict[str, Any]]:
+    """`svd run` started again on `config` (after a kill): its first status once its control socket
+    answers; SIGTERM on exit."""
+    import signal
+
+    from svd.control import call
+
+    log = open(log_path, "w")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen([sys.executable, "-m", "svd", "--config", str(config), "run"], stdout=log,
+                            stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                snap = call(load_config(config).socket_path, "status")
+                break
+            except (OSError, RuntimeError):
+                assert time.monotonic() < deadline and proc.poll() is None, log_path.read_text()[-2000:]
+                await asyncio.sleep(0.1)
+        yield snap
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+        log.close()
+
+
 def load_hotkey_from_status(config: Path) -> str:
     from svd.control import call
 

@@ -14,7 +14,7 @@ import pytest
 
 from svd.config import load_config
 from svd.control import call
-from tests.helpers import DaemonProcess
+from tests.helpers import DaemonProcess, restarted
 from tests.test_server import query
 
 SYNTH = """
@@ -157,8 +157,6 @@ async def test_a_daemon_killed_mid_job_restarts_serving_and_its_folder_holds_onl
 ) -> None:
     import os
     import signal
-    import subprocess
-    import sys
 
     from svd.train.synth.store import SynthStore
 
@@ -170,23 +168,8 @@ async def test_a_daemon_killed_mid_job_restarts_serving_and_its_folder_holds_onl
     folder = daemon.config.parent / "state" / "synth"
     for png in folder.rglob("*.png"):  # every PNG whole, with its sidecar
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.with_suffix(".json").is_file()
-    log = open(daemon.config.parent / "daemon2.log", "w")  # noqa: SIM115
-    proc = subprocess.Popen([sys.executable, "-m", "svd", "--config", str(daemon.config), "run"], stdout=log,
-                            stderr=subprocess.STDOUT)  # fmt: skip
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                snap = call(load_config(daemon.config).socket_path, "status")
-                break
-            except (OSError, RuntimeError):
-                assert time.monotonic() < deadline and proc.poll() is None
-                await asyncio.sleep(0.1)
+    async with restarted(daemon.config, daemon.config.parent / "daemon2.log") as snap:
         assert snap["state"] == "serving" and snap["synth"]["running"] is None
         assert (await query(daemon.port, daemon.hotkey, jpegs_b64[0]))[0] == 200
         store = SynthStore(folder, 10**9)  # what the next job opens: leftovers of the killed writer gone
         assert store.count >= 1 and not list(folder.rglob(".*"))
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(30)
-        log.close()

@@ -13,8 +13,6 @@ import dataclasses
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -27,7 +25,7 @@ from svd.control import call
 from svd.engine.serving import ServingEngine, prepare_engine
 from svd.engine.worker import EngineWorker
 from svd.train.schedule import TrainScheduler
-from tests.helpers import TRAIN_SMALL, DaemonProcess, image_folder, make_config, running_daemon
+from tests.helpers import TRAIN_SMALL, DaemonProcess, image_folder, make_config, restarted, running_daemon
 from tests.test_hotswap import query_loop, status
 from tests.test_server import query
 
@@ -190,21 +188,6 @@ async def test_a_killed_run_leaves_no_engine_and_the_restarted_daemon_serves(
     assert engines == ["tiny"]
     for report in cfg.train_dir.glob("*"):
         assert report.name.startswith(".") or (report / "report.json").is_file()
-    log = open(daemon.config.parent / "daemon2.log", "w")  # noqa: SIM115
-    proc = subprocess.Popen([sys.executable, "-m", "svd", "--config", str(daemon.config), "run"], stdout=log,
-                            stderr=subprocess.STDOUT)  # fmt: skip
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                snap = call(cfg.socket_path, "status")
-                break
-            except (OSError, RuntimeError):
-                assert time.monotonic() < deadline and proc.poll() is None
-                await asyncio.sleep(0.1)
+    async with restarted(daemon.config, daemon.config.parent / "daemon2.log") as snap:
         assert snap["engine"]["name"] == "tiny" and snap["state"] == "serving"
         assert (await query(daemon.port, daemon.hotkey, jpegs_b64[0]))[0] == 200
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(30)
-        log.close()
