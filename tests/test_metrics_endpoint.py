@@ -105,6 +105,7 @@ def test_every_metric_the_dashboard_queries_is_exported() -> None:
         "chain": {"mode": "online", "block": 10, "age_s": 1.0, "failures": 0, "own": own},
         "train": {"enabled": True, "runs": {"promoted": 1}, "next_run": "2026-12-01T03:00:00+00:00",
                   "last": {"finished": 1.0, "candidate": {"mcc": 0.5}, "serving": {"mcc": 0.1}}},
+        "synth": {"jobs": {"done": 1}, "images": 20, "running": None, "last": {"folder": {"images": 20}}},
         "validators": {"since": 1.0, "seen": 1, "latest": {"hotkey": "5V", "queries": 2, "first_time": 2.0,
                        "last_time": 3.0, "status": 200}, "recent": [{"hotkey": "5V", "queries": 2, "first_time": 2.0,
                        "last_time": 3.0, "status": 200, "dev": False}], "warn_h": 6.0},
