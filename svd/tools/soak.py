@@ -234,8 +234,12 @@ class Soak:
             return
         await _sleep_or_stop(self.stop, minutes / 6)
         if not self.stop.is_set():
-            await asyncio.to_thread(call, self.root / "state" / "svd.sock", "train_now")
-            self.events.append((time.monotonic() - self.t0, "training run"))
+            # Said in the events either way: a refusal must not vanish with this task.
+            try:
+                run = await asyncio.to_thread(call, self.root / "state" / "svd.sock", "train_now", 30.0)
+                self.events.append((time.monotonic() - self.t0, f"training run {run.get('run_id')}"))
+            except (OSError, RuntimeError) as exc:
+                self.events.append((time.monotonic() - self.t0, f"training run not started: {exc!r}"))
 
     def write_head_engine(self) -> None:
         from svd.engine.build import write_head_engine
