@@ -12,7 +12,9 @@ training source) and, from this process, for `--minutes`:
 - large bodies (24 MP JPEGs) and malformed ones (bad base64, cut JPEGs) now
   and then, from 127.0.0.4;
 - one hot swap (a new head engine renamed into engines/) and one training run
-  (`svd train now`), at a third and a half of the way.
+  (`svd train now`), at a sixth and a quarter of the way: both part of the
+  warm-up (a first run loads the training libraries and caches), so that the
+  last two thirds, which the RSS check compares, follow them.
 
 Every `--sample-s` it reads the daemon's RSS and open file descriptors from
 /proc and its status. Printed at the end (and written to --out as JSON and a
@@ -223,16 +225,16 @@ class Soak:
             await _sleep_or_stop(self.stop, random.uniform(0.5, 1.5))
 
     async def milestones(self, data: Path | None) -> None:
-        """One hot swap at a third of the run, one training run at half of it."""
+        """One hot swap at a sixth of the run, one training run at a quarter of it."""
         minutes = self.args.minutes * 60
-        await _sleep_or_stop(self.stop, minutes / 3)
+        await _sleep_or_stop(self.stop, minutes / 6)
         if self.stop.is_set():
             return
         await asyncio.to_thread(self.write_head_engine)
         self.events.append((time.monotonic() - self.t0, "hot swap"))
         if data is None:
             return
-        await _sleep_or_stop(self.stop, minutes / 6)
+        await _sleep_or_stop(self.stop, minutes / 12)
         if not self.stop.is_set():
             # Said in the events either way: a refusal must not vanish with this task.
             try:
