@@ -413,6 +413,10 @@ class SynthConfig:
         _check(1 <= self.steps <= 200, "synth.steps", "an integer from 1 to 200", self.steps)
         _check(0 <= self.guidance <= 50, "synth.guidance", "a number from 0 to 50", self.guidance)
         _check(0 < self.strength <= 1, "synth.strength", "a number in (0, 1]", self.strength)
+        # Image-to-image runs int(steps x strength) steps (diffusers' get_timesteps): none is an error there.
+        _check(
+            int(self.steps * self.strength) >= 1, "synth.strength", "at least one image-to-image step", self.strength
+        )
         _check(
             64 <= self.size <= 2048 and self.size % 8 == 0, "synth.size", "a multiple of 8 from 64 to 2048", self.size
         )

@@ -283,7 +283,7 @@ def _synth(t: dict[str, Any]) -> str:
         if key == "running" and j.get("steps"):
             line += f" step {j['step']}/{j['steps']}"
         if j.get("paused"):
-            line += " (paused: svd synth resume)"
+            line += f" (paused: {'svd train resume' if j.get('paused_by') else 'svd synth resume'})"
         if j.get("result") not in (None, "done"):
             line += PAD + textwrap.shorten(str(j.get("reason")), REASON_CHARS, placeholder=" ...")
         folder = j.get("folder")

@@ -153,6 +153,30 @@ async def test_a_held_job_waits_between_slices_while_the_job_behind_it_runs(work
     assert await held.wait() == 4
 
 
+async def test_a_resumed_job_goes_behind_the_job_that_ran_while_it_was_held(worker: EngineWorker) -> None:
+    order: list[str] = []  # both jobs' slices, in the order the engine thread ran them
+
+    def named(name: str, n: int) -> Generator[Progress, None, int]:
+        for i in range(n):
+            time.sleep(0.002)
+            order.append(f"{name}{i}")
+            yield Progress(i + 1, n)
+        return n
+
+    held = worker.background("synth", named("s", 3))
+    while "s0" not in order:
+        await asyncio.sleep(0.001)
+    worker.hold_background(held, True)
+    behind = worker.background("train", named("t", 20))
+    while "t2" not in order:
+        await asyncio.sleep(0.001)
+    worker.hold_background(held, False)
+    assert await behind.wait() == 20 and await held.wait() == 3
+    # Once resumed, the synth job waited for the training run to end: no slice of it between t2 and t19.
+    between = order[order.index("t2") : order.index("t19")]
+    assert all(e.startswith("t") for e in between), order
+
+
 async def test_shutdown_stops_background_jobs_first_and_drains_the_inference_lane() -> None:
     worker = EngineWorker(step_timeout_s=5.0)
     trace = Trace()

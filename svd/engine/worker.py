@@ -27,6 +27,7 @@ import functools
 import sys
 import threading
 import time
+import traceback
 from collections import deque
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
@@ -244,10 +245,19 @@ class EngineWorker:
             self._cond.notify()
 
     def hold_background(self, job: BackgroundJob[Any], held: bool) -> None:
-        """Holds one job between two slices (jobs queued behind it run meanwhile), or lets it go on."""
+        """Holds one job between two slices (jobs queued behind it run meanwhile), or lets it go on,
+        behind those: a job that started while it was held is not stopped midway by its return."""
         with self._cond:
             job.held = held
+            if not held and job in self._jobs:
+                self._jobs.remove(job)
+                self._jobs.append(job)
             self._cond.notify()
+
+    @property
+    def background_paused(self) -> bool:
+        """pause_background(True) holds every job."""
+        return self._paused
 
     def cancel_background(self) -> int:
         """Cancel every queued or running job; the number cancelled."""
@@ -323,6 +333,9 @@ class EngineWorker:
             result = stop.value
         except BaseException as exc:  # OOM, a bug in the job: that job ends, serving does not notice
             error = exc
+            # The outcome outlives the job (its future, its awaiter's report): not the job's frames,
+            # which hold what it worked on (a model, GPU tensors).
+            traceback.clear_frames(exc.__traceback__)
         # Timing first: whoever awaits the job sees every slice counted.
         elapsed = time.perf_counter() - started
         job.slices += 1
@@ -382,6 +395,7 @@ def _finish_cancelled(job: BackgroundJob[Any]) -> None:
         log.warning("background_job_close_failed", job=job.name, error=repr(exc))
     job.state = JobState.CANCELLED
     job._future.cancel()
+    _release_accelerator_cache()  # what the job's finally blocks let go of
     log.info("background_job_cancelled", job=job.name, slices=job.slices)
 
 

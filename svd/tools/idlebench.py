@@ -77,6 +77,7 @@ def _bench_config(cfg: Config, job: str, data: Path | None) -> Config:
     return dataclasses.replace(
         cfg,
         samples=dataclasses.replace(cfg.samples, enabled=False),
+        synth=dataclasses.replace(cfg.synth, enabled=False),
         train=train,
         engine=dataclasses.replace(cfg.engine, watch=False),
     )

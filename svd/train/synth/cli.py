@@ -84,7 +84,7 @@ def job_line(j: dict[str, Any]) -> str:
     if j.get("steps") and not j.get("result"):
         line += f", step {j['step']}/{j['steps']}"
     if j.get("paused"):
-        line += " (paused: svd synth resume)"
+        line += f" (paused: {'svd train resume' if j.get('paused_by') else 'svd synth resume'})"
     if j.get("seconds_per_image"):
         line += f", {j['seconds_per_image']} s an image"
     if j.get("result") and j["result"] != "done":
@@ -114,7 +114,12 @@ def _follow(cfg: Config, job_id: str, as_json: bool) -> int:
 
 
 def _standalone(cfg: Config, count: int, force: bool, as_json: bool) -> int:
+    from svd.control import running_status
     from svd.engine.worker import EngineWorker
+
+    if running_status(cfg.socket_path) is not None:  # two writers and two GPU users on one folder
+        print("svd: a daemon runs on this state dir: use `svd synth now` (it generates in its idle time)")
+        return 1
     from svd.train.synth.job import SynthJob
 
     async def go() -> dict[str, Any]:

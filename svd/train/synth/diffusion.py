@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import gc
 import threading
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,6 +82,7 @@ def load_pipelines(cfg: SynthConfig, device: str, model: str | None = None) -> P
 
     Raises:
         SynthUnavailable: diffusers is not installed, or the model is not on disk.
+        RuntimeError: the model is on disk but does not load (a download cut short, a wrong folder).
     """
     try:
         import torch
@@ -90,11 +92,11 @@ def load_pipelines(cfg: SynthConfig, device: str, model: str | None = None) -> P
     dtype = getattr(torch, cfg.dtype) if device == "cuda" else torch.float32
     source = model or cfg.model
     kwargs: dict[str, Any] = {"dtype": dtype, "local_files_only": True, "use_safetensors": True}
-    if cfg.variant and device == "cuda":
-        kwargs["variant"] = cfg.variant
     try:
-        t2i = StableDiffusionXLPipeline.from_pretrained(source, **kwargs)
+        t2i = _with_variant(StableDiffusionXLPipeline, source, cfg.variant, kwargs)
     except (OSError, ValueError) as exc:
+        if _on_disk(source):
+            raise RuntimeError(f"{source} is on this box but does not load: {exc}") from exc
         hint = FETCH_HINT.format(model=source)
         raise SynthUnavailable(f"{source} is not on this box ({exc}); {hint}") from exc
     t2i.set_progress_bar_config(disable=True)
@@ -106,6 +108,31 @@ def load_pipelines(cfg: SynthConfig, device: str, model: str | None = None) -> P
     i2i.set_progress_bar_config(disable=True)
     log.info("synth_pipeline_loaded", model=source, device=device, dtype=str(dtype), offload=cfg.offload)
     return Pipelines(t2i, i2i, device, str(dtype).removeprefix("torch."), source)
+
+
+def _with_variant(cls: Any, source: str, variant: str, kwargs: dict[str, Any]) -> Any:
+    """from_pretrained with the weight files' variant (fp16) where there are such files, else the plain ones
+    (a folder written by save_pretrained, the tiny pipeline)."""
+    if variant:
+        try:
+            return cls.from_pretrained(source, variant=variant, **kwargs)
+        except (OSError, ValueError) as exc:
+            if variant not in str(exc):
+                raise
+            log.info("synth_variant_missing", model=source, variant=variant)
+    return cls.from_pretrained(source, **kwargs)
+
+
+def _on_disk(source: str) -> bool:
+    """A folder, or a repo whose model_index.json is in the local hub cache."""
+    if Path(source).is_dir():
+        return True
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(source, "model_index.json"), str)
+    except ValueError:  # not a repo id at all
+        return False
 
 
 def release(pipes: Pipelines | None) -> None:
@@ -167,11 +194,18 @@ class Stepper:
         except StepperStopped:
             pass
         except BaseException as exc:  # an OOM or a bug: the job that drives this sees it
-            self.error = exc
+            # Without its frames: they hold the pipeline and its activations (GBs on a GPU), and the
+            # error outlives this call in the job's outcome.
+            traceback.clear_frames(exc.__traceback__)
+            self.error = exc.with_traceback(None)
         finally:
-            self._sync()
-            self.finished = True
-            self._yielded.release()
+            try:
+                self._sync()  # a sticky CUDA error raises here too: the worker must still get its turn back
+            except BaseException as exc:
+                self.error = self.error or RuntimeError(f"CUDA synchronize failed: {exc}")
+            finally:
+                self.finished = True
+                self._yielded.release()
 
     def _step_end(self, _pipe: Any, _index: int, _timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
         self.steps += 1

@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import io
 import random
 import secrets
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Generator, Sequence
@@ -149,10 +151,15 @@ def source_image(data: bytes, size: int) -> Image.Image:
 
 
 def start_image(item: Planned, size: int) -> Image.Image | None:
-    """The image an image-to-image item starts from (read and squashed in a thread, ahead of its turn)."""
+    """The image an image-to-image item starts from (read and squashed in a thread, ahead of its turn);
+    None for text-to-image, and for a photo that cannot be read (that item is made text-to-image)."""
     if item.task != I2I or item.source is None:
         return None
-    return source_image(read_records([item.source])[0], size)
+    try:
+        return source_image(read_records([item.source])[0], size)
+    except (SourceError, OSError, ValueError, Image.DecompressionBombError) as exc:
+        log.warning("synth_source_unreadable", source=item.source.source, sha256=item.source.sha256, error=str(exc))
+        return None
 
 
 def generate_call(
@@ -219,8 +226,10 @@ def image_slices(
     upcoming = prepare(items[0]) if items else None
     for i, item in enumerate(items):
         assert upcoming is not None
-        start = upcoming.result()  # ready long before: it was read during the last image's steps
+        start = upcoming.result()  # read before the job (the first) or during the last image's steps
         upcoming = prepare(items[i + 1]) if i + 1 < len(items) else None
+        if item.task == I2I and start is None:  # its photo could not be read
+            item = dataclasses.replace(item, task=T2I, source=None)
         state.stage = f"image {i + 1}/{len(items)} ({item.task})"
         state.step, state.steps = 0, _steps_of(item, sc)
         started = time.perf_counter()
@@ -312,11 +321,13 @@ class SynthJob:
             state.stage = "planning"
             budget = self.sc.disk_budget_mb * 1_000_000
             self.store = store = await asyncio.to_thread(SynthStore, self.cfg.synth_dir, budget)
-            # Room for this job's images now: nothing is deleted while it writes.
-            await self._keep_budget(state.count * store.mean_image_bytes(default=2 * self.sc.size**2))
+            # Room for this job's images now (nothing is deleted while it writes), but never more than
+            # half the budget: a job larger than the folder must not wipe what earlier ones made.
+            room = state.count * store.mean_image_bytes(default=2 * self.sc.size**2)
+            await self._keep_budget(min(room, budget // 2))
             photos = await asyncio.to_thread(source_photos, self.cfg)
             state.stage = "loading the pipeline"
-            pipes = await asyncio.to_thread(diffusion.load_pipelines, self.sc, device, self.cfg.synth_model)
+            pipes = await _load_in_daemon_thread(self.sc, device, self.cfg.synth_model)
             loaded = pipes
             count_tokens, limit = prompts.tokenizer_count(pipes.tokenizers())
             seed = self.sc.seed or secrets.randbits(63)
@@ -324,8 +335,16 @@ class SynthJob:
             items = await asyncio.to_thread(plan, state.count, self.sc, photos, rng, count_tokens, limit)
             log.info("synth_started", job=state.job_id, images=len(items), photos=len(photos), device=device)
 
+            reads: dict[int, concurrent.futures.Future[Image.Image | None]] = {}
+
             def prepare(item: Planned) -> concurrent.futures.Future[Image.Image | None]:
-                return reader.submit(start_image, item, self.sc.size)
+                if id(item) not in reads:
+                    reads[id(item)] = reader.submit(start_image, item, self.sc.size)
+                return reads.pop(id(item))
+
+            if items:  # the first start is read here, not in the first slice on the engine thread
+                reads[id(items[0])] = reader.submit(start_image, items[0], self.sc.size)
+                await asyncio.wrap_future(reads[id(items[0])])
 
             def on_image(item: Planned, image: Image.Image) -> None:
                 writes.append(writer.submit(self._write, store, item, image, loaded))
@@ -352,12 +371,13 @@ class SynthJob:
         finally:
             if self.background is not None and not self.background.done:
                 self.background.cancel()
-            await asyncio.to_thread(reader.shutdown, True, cancel_futures=True)
-            await asyncio.to_thread(writer.shutdown, True)
+            # Each step on its own: one failing (a full disk) must not keep the pipeline loaded.
+            await _logged(asyncio.to_thread(reader.shutdown, True, cancel_futures=True), "reader")
+            await _logged(asyncio.to_thread(writer.shutdown, True), "writer")
             if self.store is not None:
-                await self._keep_budget(0)
+                await _logged(self._keep_budget(0), "disk budget")
             # Off the loop: dropping SDXL's modules and the CUDA cache can take a moment.
-            await asyncio.to_thread(diffusion.release, pipes)
+            await _logged(asyncio.to_thread(diffusion.release, pipes), "release")
             pipes = None
         return state
 
@@ -405,3 +425,41 @@ def _not_cancelling() -> bool:
     """Whether the running task itself is not being cancelled (the CancelledError came from the job)."""
     task = asyncio.current_task()
     return task is None or task.cancelling() == 0
+
+
+async def _logged(step: Any, what: str) -> None:
+    """Awaits one clean-up step of a job; its failure is logged, not raised (the next steps still run)."""
+    try:
+        await step
+    except Exception as exc:
+        log.error("synth_cleanup_failed", step=what, error=f"{type(exc).__name__}: {exc}")
+
+
+async def _load_in_daemon_thread(sc: SynthConfig, device: str, model: str) -> diffusion.Pipelines:
+    """load_pipelines in a daemon thread: a load takes up to minutes and cannot be interrupted, and the
+    loop's own executor would hold the process's exit (shutdown) until it ends. A load whose awaiter
+    was cancelled meanwhile is released as soon as it is done."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[diffusion.Pipelines] = loop.create_future()
+
+    def settle(result: diffusion.Pipelines | None, error: BaseException | None) -> None:
+        if done.cancelled():  # off the loop: a GC pass and the CUDA cache
+            threading.Thread(target=diffusion.release, args=(result,), daemon=True).start()
+        elif error is not None:
+            done.set_exception(error)
+        else:
+            done.set_result(result)  # type: ignore[arg-type]
+
+    def load() -> None:
+        result, error = None, None
+        try:
+            result = diffusion.load_pipelines(sc, device, model)
+        except BaseException as exc:
+            error = exc
+        try:
+            loop.call_soon_threadsafe(settle, result, error)
+        except RuntimeError:  # the loop is closed (the process is exiting)
+            diffusion.release(result)
+
+    threading.Thread(target=load, name="svd-synth-load", daemon=True).start()
+    return await done

@@ -47,6 +47,8 @@ ROADWORK_WORDS = frozenset(
         *("construction", "roadwork", "roadworks", "maintenance", "repair", "repairs", "repairing", "paving"),
         *("excavator", "excavators", "bulldozer", "digger", "crane", "machinery", "equipment", "jackhammer"),
         *("scaffolding", "detour", "closure", "closed", "asphalt", "hazard", "trench", "work", "works", "zone"),
+        *("barrel", "barrels", "bollard", "bollards", "drum", "drums", "roadblock", "roadblocks"),
+        *("flagger", "flaggers", "workman", "workmen"),
     }
 )
 # The scenes label-0 rows (which carry no description) and bare captions start from.

@@ -103,12 +103,12 @@ class SynthScheduler:
 
     def run_now(self, trigger: str, count: Any = None, force: bool = False) -> dict[str, Any]:
         """Starts a job unless one is going; its state (the job goes on in the background)."""
-        if self.going and self.current is not None:
-            raise CommandError(f"synth job {self.current.state.job_id} is still going (svd synth stop ends it)")
         if count is None:
             count = self.cfg.synth.count
         if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= 100_000:
             raise CommandError(f"count must be an integer from 1 to 100000, got {count!r}")
+        if self.going and self.current is not None:
+            raise CommandError(f"synth job {self.current.state.job_id} is still going (svd synth stop ends it)")
         # Looked up, not imported: importing diffusers takes over a second, and this runs on the loop.
         if importlib.util.find_spec("diffusers") is None:
             raise CommandError("synthetic images need the synth extra: pip install 'svd[synth]'")
@@ -140,11 +140,20 @@ class SynthScheduler:
             "enabled": self.cfg.synth.enabled,
             "schedule": self.cfg.synth.schedule,
             "next_run": self._next_run(),
-            "running": self.current.status() if self.going and self.current is not None else None,
+            "running": self._running(),
             "last": self.last,
             "jobs": dict(self.jobs),
             "images": self.images,
         }
+
+    def _running(self) -> dict[str, Any] | None:
+        if not self.going or self.current is None:
+            return None
+        running = self.current.status()
+        if self._worker.background_paused:  # svd train pause holds all idle-lane work, this job too
+            running["paused"] = True
+            running["paused_by"] = "svd train pause"
+        return running
 
     async def stop(self) -> None:
         """Shutdown: no more firings; a job going is cancelled (its pipeline released)."""
@@ -162,9 +171,14 @@ class SynthScheduler:
             log.warning("synth_job_not_started", reason=str(exc))
 
     def _died(self, error: str) -> None:
-        # SynthJob.run() records every failure itself; this is a bug past it.
-        job_id = self.current.state.job_id if self.current else "?"
-        self.last = {"job_id": job_id, "result": "failed", "reason": error}
+        # SynthJob.run() records every failure itself; this is a bug past it. The same shape as a job's
+        # status, which svd status and svd synth status read.
+        if self.current is None:
+            return
+        self.current.state.result, self.current.state.reason = "failed", error
+        self.current.state.stage = "failed"
+        self.last = self.current.status()
+        self.jobs["failed"] += 1
 
     async def _run(self, job: SynthJob) -> None:
         state = await job.run()

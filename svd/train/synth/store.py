@@ -90,7 +90,7 @@ class SynthStore:
         return counts
 
     def add(self, png: bytes, label: int, meta: dict[str, Any]) -> Path | None:
-        """Writes one image and its sidecar, then keeps the budget; None when the same image is there.
+        """Writes one image and its sidecar (the budget is kept by keep_budget); None when it is there already.
 
         Raises:
             OSError: the disk refused the write (nothing half-written stays).
