@@ -87,8 +87,10 @@ def load_pipelines(cfg: SynthConfig, device: str, model: str | None = None) -> P
     try:
         import torch
         from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+        from diffusers.utils import logging as diffusers_logging
     except ImportError as exc:
         raise SynthUnavailable(f"synthetic images need the synth extra: pip install 'svd[synth]' ({exc})") from exc
+    diffusers_logging.disable_progress_bar()  # its loading bars would go to journald line by line
     dtype = getattr(torch, cfg.dtype) if device == "cuda" else torch.float32
     source = model or cfg.model
     kwargs: dict[str, Any] = {"dtype": dtype, "local_files_only": True, "use_safetensors": True}
