@@ -177,6 +177,26 @@ async def test_a_resumed_job_goes_behind_the_job_that_ran_while_it_was_held(work
     assert all(e.startswith("t") for e in between), order
 
 
+async def test_a_higher_priority_job_overtakes_a_running_one_between_two_slices(worker: EngineWorker) -> None:
+    order: list[str] = []
+
+    def named(name: str, n: int) -> Generator[Progress, None, int]:
+        for i in range(n):
+            time.sleep(0.002)
+            order.append(f"{name}{i}")
+            yield Progress(i + 1, n)
+        return n
+
+    low = worker.background("synth", named("s", 30), priority=-1)
+    while "s1" not in order:
+        await asyncio.sleep(0.001)
+    high = worker.background("train", named("t", 5))
+    assert await high.wait() == 5 and await low.wait() == 30
+    first_t, last_t = order.index("t0"), order.index("t4")
+    assert order[first_t : last_t + 1] == [f"t{i}" for i in range(5)], order  # no synth slice in between
+    assert first_t < order.index("s29")
+
+
 async def test_shutdown_stops_background_jobs_first_and_drains_the_inference_lane() -> None:
     worker = EngineWorker(step_timeout_s=5.0)
     trace = Trace()

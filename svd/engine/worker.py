@@ -107,6 +107,7 @@ class BackgroundJob(Generic[T]):
         self.error: str | None = None
         # Held (svd synth pause): its slices wait while the jobs behind it may run.
         self.held = False
+        self.priority = 0
         self._gen = slices
         self._future = future
         self._cancel = threading.Event()
@@ -222,9 +223,12 @@ class EngineWorker:
 
     # --- the idle lane ---------------------------------------------------------------------------
 
-    def background(self, name: str, slices: Generator[Progress, None, T]) -> BackgroundJob[T]:
-        """Queue a background job; its slices run one at a time when nothing waits. Jobs run in order."""
+    def background(self, name: str, slices: Generator[Progress, None, T], priority: int = 0) -> BackgroundJob[T]:
+        """Queue a background job; its slices run one at a time when nothing waits. Jobs run in order of
+        priority (higher first; synthetic images go below training, which then overtakes one between two
+        slices), then of arrival."""
         job: BackgroundJob[T] = BackgroundJob(name, slices, concurrent.futures.Future())
+        job.priority = priority
         with self._cond:
             if self._closing:
                 raise WorkerClosed("engine worker is closed")
@@ -313,7 +317,8 @@ class EngineWorker:
         return self._runnable_job() is not None and not (self._waiting or self._paused)
 
     def _runnable_job(self) -> BackgroundJob[Any] | None:
-        return next((job for job in self._jobs if not job.held), None)
+        runnable = [job for job in self._jobs if not job.held]
+        return max(runnable, key=lambda job: job.priority) if runnable else None  # max keeps the first of a tie
 
     def _cancelled_job(self) -> BackgroundJob[Any] | None:
         return next((job for job in self._jobs if job.cancelled), None)

@@ -41,6 +41,8 @@ from svd.train.synth.store import SynthStore
 
 log = structlog.get_logger(__name__)
 
+# The idle lane's order (EngineWorker.background): training's jobs have 0.
+SYNTH_PRIORITY = -1
 T2I = "t2i"
 I2I = "i2i"
 # The validators' negative prompts (natix/validator/config.py): text-to-image's also names blur.
@@ -352,7 +354,8 @@ class SynthJob:
             if self._stopped:
                 raise asyncio.CancelledError
             slices = image_slices(pipes, items, self.sc, prepare, on_image, state)
-            self.background = self.worker.background(f"synth {state.job_id}", slices)
+            # Below training's priority: a run that starts (03:00, svd train now) overtakes this job.
+            self.background = self.worker.background(f"synth {state.job_id}", slices, priority=SYNTH_PRIORITY)
             if self._held:
                 self.worker.hold_background(self.background, True)
             await self.background.wait()
