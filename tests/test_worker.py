@@ -40,6 +40,15 @@ def slices(trace: Trace, n: int, slice_s: float = 0.02, fail_at: int = -1) -> Ge
         trace.add("job-finally")
 
 
+def named(order: list[str], name: str, n: int) -> Generator[Progress, None, int]:
+    """n slices of 2 ms, each appending name + its index to `order` (jobs side by side, in run order)."""
+    for i in range(n):
+        time.sleep(0.002)
+        order.append(f"{name}{i}")
+        yield Progress(i + 1, n)
+    return n
+
+
 def call_event(trace: Trace, name: str) -> str:
     trace.add(name)
     return name
@@ -156,18 +165,11 @@ async def test_a_held_job_waits_between_slices_while_the_job_behind_it_runs(work
 async def test_a_resumed_job_goes_behind_the_job_that_ran_while_it_was_held(worker: EngineWorker) -> None:
     order: list[str] = []  # both jobs' slices, in the order the engine thread ran them
 
-    def named(name: str, n: int) -> Generator[Progress, None, int]:
-        for i in range(n):
-            time.sleep(0.002)
-            order.append(f"{name}{i}")
-            yield Progress(i + 1, n)
-        return n
-
-    held = worker.background("synth", named("s", 3))
+    held = worker.background("synth", named(order, "s", 3))
     while "s0" not in order:
         await asyncio.sleep(0.001)
     worker.hold_background(held, True)
-    behind = worker.background("train", named("t", 20))
+    behind = worker.background("train", named(order, "t", 20))
     while "t2" not in order:
         await asyncio.sleep(0.001)
     worker.hold_background(held, False)
@@ -180,17 +182,10 @@ async def test_a_resumed_job_goes_behind_the_job_that_ran_while_it_was_held(work
 async def test_a_higher_priority_job_overtakes_a_running_one_between_two_slices(worker: EngineWorker) -> None:
     order: list[str] = []
 
-    def named(name: str, n: int) -> Generator[Progress, None, int]:
-        for i in range(n):
-            time.sleep(0.002)
-            order.append(f"{name}{i}")
-            yield Progress(i + 1, n)
-        return n
-
-    low = worker.background("synth", named("s", 30), priority=-1)
+    low = worker.background("synth", named(order, "s", 30), priority=-1)
     while "s1" not in order:
         await asyncio.sleep(0.001)
-    high = worker.background("train", named("t", 5))
+    high = worker.background("train", named(order, "t", 5))
     assert await high.wait() == 5 and await low.wait() == 30
     first_t, last_t = order.index("t0"), order.index("t4")
     assert order[first_t : last_t + 1] == [f"t{i}" for i in range(5)], order  # no synth slice in between

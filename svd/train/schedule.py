@@ -202,8 +202,13 @@ class TrainScheduler:
         self.runs[str(state.result)] += 1
 
     def _next_run(self) -> str | None:
-        if self._scheduler is None or self.paused:
-            return None
-        job = self._scheduler.get_job(JOB_ID)
-        when: datetime | None = job.next_run_time if job is not None else None
-        return when.isoformat() if when else None
+        return None if self.paused else next_run(self._scheduler, JOB_ID)
+
+
+def next_run(scheduler: AsyncIOScheduler | None, job_id: str) -> str | None:
+    """When the scheduler's job fires next (ISO time), or None: no scheduler, no such job, or paused."""
+    if scheduler is None:
+        return None
+    job = scheduler.get_job(job_id)
+    when: datetime | None = job.next_run_time if job is not None else None
+    return when.isoformat() if when else None

@@ -90,23 +90,7 @@ class SynthState:
     by_task: Counter[str] = field(default_factory=Counter)
 
     def summary(self) -> dict[str, Any]:
-        return {
-            "job_id": self.job_id,
-            "trigger": self.trigger,
-            "count": self.count,
-            "stage": self.stage,
-            "done": self.done,
-            "failed": self.failed,
-            "duplicates": self.duplicates,
-            "step": self.step,
-            "steps": self.steps,
-            "result": self.result,
-            "reason": self.reason,
-            "started": self.started,
-            "finished": self.finished,
-            "seconds_per_image": self.seconds_per_image,
-            "by_task": dict(self.by_task),
-        }
+        return {**dataclasses.asdict(self), "by_task": dict(self.by_task)}
 
 
 def source_photos(cfg: Config) -> list[Record]:
@@ -292,10 +276,6 @@ class SynthJob:
         self.store: SynthStore | None = None
         self._held = False
         self._stopped = False
-
-    @property
-    def paused(self) -> bool:
-        return self._held
 
     def hold(self, held: bool) -> None:
         """Pause or resume between two slices (the pipeline stays loaded while paused)."""

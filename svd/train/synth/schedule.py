@@ -13,7 +13,6 @@ import asyncio
 import importlib.util
 from collections import Counter
 from collections.abc import Callable
-from datetime import datetime
 from typing import Any
 
 import structlog
@@ -24,6 +23,7 @@ from apscheduler.triggers.cron import CronTrigger
 from svd.config import Config
 from svd.control import CommandError
 from svd.engine.worker import EngineWorker
+from svd.train.schedule import next_run
 from svd.train.synth.job import SynthJob
 
 log = structlog.get_logger(__name__)
@@ -187,8 +187,4 @@ class SynthScheduler:
         self.images += state.done
 
     def _next_run(self) -> str | None:
-        if self._scheduler is None:
-            return None
-        job = self._scheduler.get_job(JOB_ID)
-        when: datetime | None = job.next_run_time if job is not None else None
-        return when.isoformat() if when else None
+        return next_run(self._scheduler, JOB_ID)

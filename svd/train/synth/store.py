@@ -55,7 +55,6 @@ class SynthStore:
         self.budget_bytes = budget_bytes
         # Reentrant: the writer thread adds while status reads the totals from the loop.
         self._lock = threading.RLock()
-        self.added = 0
         self.duplicates = 0
         self.removed = 0
         for d in LABEL_DIRS:
@@ -111,7 +110,6 @@ class SynthStore:
                 path.with_suffix(".json").unlink(missing_ok=True)
                 raise
             self._items[path] = _stored(path)
-            self.added += 1
         return path
 
     def mean_image_bytes(self, default: int) -> int:
