@@ -47,6 +47,8 @@ from typing import Any
 from svd.control import call
 from svd.engine.canary import street_jpegs
 from svd.serve import protocol
+from svd.tools.bench import _rss_mb
+from svd.tools.overload import free_port
 
 ALICE, BOB = "//Alice", "//Bob"
 BOB_SS58 = "5FHneW46xGXgs5mUiveU4sbTyGBzmstUspZC92UhjJM694ty"
@@ -108,7 +110,7 @@ class Soak:
     def write_config(self, data: Path | None) -> None:
         from svd.config import DEV_HOTKEY
 
-        self.port = _free_port()
+        self.port = free_port()
         train = (
             f"[train]\nenabled = true\nmin_images = 20\nviews = 2\nhidden = 32\nthreads = 1\n"
             f'[[train.sources]]\nkind = "natix_parquet"\npath = "{data}"\n'
@@ -370,29 +372,11 @@ async def _closed_within(reader: asyncio.StreamReader, seconds: float) -> bool:
         return False
 
 
-def _rss_mb(pid: int) -> float:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return round(int(line.split()[1]) / 1024, 1)
-    except OSError:
-        pass
-    return 0.0
-
-
 def _fds(pid: int) -> int:
     try:
         return len(os.listdir(f"/proc/{pid}/fd"))
     except OSError:
         return 0
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def main(argv: list[str] | None = None) -> int:
